@@ -1,0 +1,1 @@
+"""IFA ranking model: features, networks, training, evaluation and export."""

@@ -1,0 +1,235 @@
+"""The one feature specification shared by embeddings, batches, export and the service.
+
+Every categorical field maps a raw integer value to an embedding row:
+
+* row 0 is padding (a zero vector that never trains),
+* row 1 is the out-of-vocabulary bucket (unknown ids, values outside the vocabulary),
+* rows 2.. are known values.
+
+``hashed`` fields (ids) spread any non-negative 64-bit integer over their buckets with a fixed
+integer hash, so an id the model never saw still gets a stable row; ``vocab`` fields (category,
+action, profile attributes) keep values in ``[0, cardinality)`` and send the rest to OOV.
+
+Behaviour events carry the item's fields, the action type and *absolute* time features only
+(hour of day, day of week), never request-relative ones: keys and values must be functions of the
+event alone so that a cached state stays valid (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+
+PADDING_INDEX = 0
+OOV_INDEX = 1
+RESERVED_ROWS = 2
+
+ACTIONS: tuple[str, ...] = ("impression", "click", "long_view", "like")
+"""Behaviour-event action vocabulary, in index order."""
+
+OBJECTIVES: tuple[str, ...] = ("impression", "click", "long_view", "like")
+"""Model outputs, in column order: p(impression) then p(action | impression) per action."""
+
+SECONDS_PER_HOUR = 3600.0
+SECONDS_PER_DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class Field:
+    """One categorical input: how raw values become embedding rows."""
+
+    name: str
+    kind: Literal["hashed", "vocab"]
+    cardinality: int
+    """Buckets for ``hashed`` fields, known values for ``vocab`` fields (OOV and padding extra)."""
+    dim: int
+
+    @property
+    def rows(self) -> int:
+        return self.cardinality + RESERVED_ROWS
+
+    def index(self, raw: np.ndarray) -> np.ndarray:
+        """Embedding rows for raw non-negative int64 values (negative values map to OOV)."""
+        raw = np.asarray(raw, dtype=np.int64)
+        if self.kind == "hashed":
+            buckets = (mix64(raw) % np.uint64(self.cardinality)).astype(np.int64) + RESERVED_ROWS
+            return np.where(raw >= 0, buckets, OOV_INDEX)
+        known = (raw >= 0) & (raw < self.cardinality)
+        return np.where(known, raw + RESERVED_ROWS, OOV_INDEX)
+
+
+def mix64(values: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser: a fixed, platform-independent hash of int64 ids."""
+    x = np.asarray(values, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(0xFFFFFFFFFFFFFFFF)
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & np.uint64(
+            0xFFFFFFFFFFFFFFFF
+        )
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & np.uint64(
+            0xFFFFFFFFFFFFFFFF
+        )
+        return x ^ (x >> np.uint64(31))
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Item, event and user fields. Column order of every feature matrix follows these tuples."""
+
+    item_fields: tuple[Field, ...]
+    user_fields: tuple[Field, ...]
+    action_dim: int = 8
+    time_dim: int = 4
+    actions: tuple[str, ...] = ACTIONS
+    event_time_fields: tuple[Field, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        time_fields = (
+            Field("hour_of_day", "vocab", 24, self.time_dim),
+            Field("day_of_week", "vocab", 7, self.time_dim),
+        )
+        object.__setattr__(self, "event_time_fields", time_fields)
+
+    @property
+    def action_field(self) -> Field:
+        return Field("action", "vocab", len(self.actions), self.action_dim)
+
+    @property
+    def event_fields(self) -> tuple[Field, ...]:
+        """Item fields, then action, then absolute-time fields."""
+        return (*self.item_fields, self.action_field, *self.event_time_fields)
+
+    @property
+    def item_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.item_fields)
+
+    @property
+    def user_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.user_fields)
+
+    @property
+    def item_dim(self) -> int:
+        return sum(f.dim for f in self.item_fields)
+
+    @property
+    def event_dim(self) -> int:
+        return sum(f.dim for f in self.event_fields)
+
+    @property
+    def user_dim(self) -> int:
+        return sum(f.dim for f in self.user_fields)
+
+    def action_index(self, action: str) -> int:
+        """Raw action value of a name; raises ``KeyError`` naming the vocabulary otherwise."""
+        try:
+            return self.actions.index(action)
+        except ValueError:
+            raise KeyError(f"unknown action {action!r}; expected one of {list(self.actions)}") from None
+
+    # -- featurisation: raw columns -> int64 embedding rows ---------------------------------
+
+    def item_rows(self, columns: dict[str, np.ndarray]) -> np.ndarray:
+        """(M, F_item) rows from raw item columns named like ``item_fields`` (missing -> OOV)."""
+        return _rows(self.item_fields, columns)
+
+    def user_rows(self, columns: dict[str, np.ndarray]) -> np.ndarray:
+        """(B, F_user) rows from raw user columns named like ``user_fields`` (missing -> OOV)."""
+        return _rows(self.user_fields, columns)
+
+    def event_rows(
+        self, item_rows: np.ndarray, actions: np.ndarray, timestamps: np.ndarray
+    ) -> np.ndarray:
+        """(N, F_event) rows: the events' item rows, action and time-of-day/week rows.
+
+        ``item_rows`` is (N, F_item) as from :meth:`item_rows`; ``actions`` raw action values;
+        ``timestamps`` unix seconds (UTC).
+        """
+        timestamps = np.asarray(timestamps, dtype=np.float64)
+        item_rows = np.asarray(item_rows, dtype=np.int64).reshape(len(timestamps), len(self.item_fields))
+        seconds = np.floor(timestamps).astype(np.int64)
+        hour = (seconds // int(SECONDS_PER_HOUR)) % 24
+        # 1970-01-01 was a Thursday: shift so that Monday is 0.
+        weekday = (seconds // int(SECONDS_PER_DAY) + 3) % 7
+        hour_field, weekday_field = self.event_time_fields
+        return np.concatenate(
+            [
+                item_rows,
+                self.action_field.index(np.asarray(actions, dtype=np.int64))[:, None],
+                hour_field.index(hour)[:, None],
+                weekday_field.index(weekday)[:, None],
+            ],
+            axis=1,
+        )
+
+    # -- (de)serialisation for checkpoints and manifests ------------------------------------
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "item_fields": [asdict(f) for f in self.item_fields],
+            "user_fields": [asdict(f) for f in self.user_fields],
+            "action_dim": self.action_dim,
+            "time_dim": self.time_dim,
+            "actions": list(self.actions),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> FeatureSpec:
+        def fields(key: str) -> tuple[Field, ...]:
+            raw = data[key]
+            assert isinstance(raw, list)
+            return tuple(Field(**f) for f in raw)
+
+        action_dim = data.get("action_dim", 8)
+        time_dim = data.get("time_dim", 4)
+        actions = data.get("actions", list(ACTIONS))
+        assert isinstance(action_dim, int) and isinstance(time_dim, int)
+        assert isinstance(actions, list)
+        return cls(
+            item_fields=fields("item_fields"),
+            user_fields=fields("user_fields"),
+            action_dim=action_dim,
+            time_dim=time_dim,
+            actions=tuple(str(a) for a in actions),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _rows(fields: tuple[Field, ...], columns: dict[str, np.ndarray]) -> np.ndarray:
+    lengths = {len(np.asarray(v)) for v in columns.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"feature columns differ in length: {sorted(lengths)}")
+    n = lengths.pop() if lengths else 0
+    out = np.full((n, len(fields)), OOV_INDEX, dtype=np.int64)
+    for i, f in enumerate(fields):
+        if f.name in columns:
+            out[:, i] = f.index(np.asarray(columns[f.name], dtype=np.int64))
+    return out
+
+
+def default_spec(
+    n_categories: int = 64,
+    n_authors: int = 4096,
+    item_buckets: int = 100_000,
+    user_buckets: int = 50_000,
+    profile_cardinalities: dict[str, int] | None = None,
+    id_dim: int = 16,
+    attribute_dim: int = 8,
+) -> FeatureSpec:
+    """The spec the synthetic world and the demo model use; sizes come from the data."""
+    profiles = profile_cardinalities or {"age_group": 8, "gender": 3, "region": 32}
+    return FeatureSpec(
+        item_fields=(
+            Field("item_id", "hashed", item_buckets, id_dim),
+            Field("category", "vocab", n_categories, attribute_dim),
+            Field("author", "hashed", n_authors, attribute_dim),
+        ),
+        user_fields=(
+            Field("user_id", "hashed", user_buckets, id_dim),
+            *(Field(name, "vocab", card, attribute_dim) for name, card in profiles.items()),
+        ),
+    )

@@ -1,0 +1,120 @@
+"""IFA: full-sequence linear cross attention (FSM) + relation-aware module (RAM) + ESMM towers.
+
+The network is the composition of two programs that are exported and served separately:
+
+* :class:`SequenceEncoder` — events -> additive user state (S, z). A pure function of the event
+  set and the weights, so the service caches it and folds new events in.
+* :class:`CandidateScorer` — user, candidate set, state -> per-objective logits. Costs
+  O(M·d²) whatever the history length.
+
+Training runs ``scorer(encoder(events))``, so serving and training are the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.batch import Batch
+from model.features import FeatureSpec
+from model.layers import CandidateHead, Embeddings, FieldEmbedding, NetConfig, merge_heads, split_heads
+from model.linear_attention import (
+    DEFAULT_EPS,
+    decay_weights,
+    feature_map,
+    read_state,
+    state_contribution,
+)
+
+SECONDS_PER_DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class IFAConfig(NetConfig):
+    use_fsm: bool = True
+    """Always True for IFA; the ablation without FSM is a separate network (TWIN + RAM)."""
+    time_decay: bool = False
+    """Per-head exponential decay of old events, learned; keeps the fold property."""
+    eps: float = DEFAULT_EPS
+
+
+class SequenceEncoder(nn.Module):
+    """Behaviour events -> additive state contribution (S (B, H, dk, dv), z (B, H, dk))."""
+
+    def __init__(self, event_embedding: FieldEmbedding, config: IFAConfig):
+        super().__init__()
+        self.heads = config.heads
+        self.feature_map = config.feature_map
+        self.time_decay = config.time_decay
+        self.event_embedding = event_embedding
+        self.key = nn.Linear(event_embedding.dim, config.heads * config.key_dim)
+        self.value = nn.Linear(event_embedding.dim, config.heads * config.value_dim)
+        # Softplus keeps rates positive; the initial value gives a half-life of about 30 days.
+        self.decay_logit = nn.Parameter(torch.full((config.heads,), -3.8))
+        self.seconds_per_day = SECONDS_PER_DAY
+
+    def decay_rates(self) -> Tensor:
+        """(H,) per-second decay rates; zeros when time decay is off."""
+        if not self.time_decay:
+            return torch.zeros_like(self.decay_logit)
+        return F.softplus(self.decay_logit) / self.seconds_per_day
+
+    def forward(
+        self, events: Tensor, event_mask: Tensor, event_times: Tensor, reference_time: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """events (B, N, F_event), event_mask (B, N), event_times (B, N) and reference_time (B,)
+        in unix seconds (float64). With decay, contributions are discounted to reference_time."""
+        e = self.event_embedding(events)
+        keys = feature_map(split_heads(self.key(e), self.heads), self.feature_map)
+        values = split_heads(self.value(e), self.heads)
+        weights: Tensor | None = None
+        if self.time_decay:
+            weights = decay_weights(event_times, reference_time, self.decay_rates())
+        return state_contribution(keys, values, event_mask, weights)
+
+
+class CandidateScorer(nn.Module):
+    """User, candidates and a cached state -> logits (B, M, n_objectives)."""
+
+    def __init__(self, embeddings: Embeddings, config: IFAConfig):
+        super().__init__()
+        self.heads = config.heads
+        self.feature_map = config.feature_map
+        self.eps = config.eps
+        self.user_embedding = embeddings.user
+        self.item_embedding = embeddings.item
+        query_in = embeddings.item.dim + embeddings.user.dim
+        self.query = nn.Linear(query_in, config.heads * config.key_dim)
+        self.fsm_out = nn.Linear(config.interest_dim, config.interest_dim)
+        self.head = CandidateHead(
+            embeddings.user.dim, embeddings.item.dim, config.interest_dim, config
+        )
+
+    def forward(
+        self, user: Tensor, candidates: Tensor, candidate_mask: Tensor, s: Tensor, z: Tensor
+    ) -> Tensor:
+        """user (B, F_user), candidates (B, M, F_item), candidate_mask (B, M), state (S, z)."""
+        u = self.user_embedding(user)  # (B, du)
+        c = self.item_embedding(candidates)  # (B, M, di)
+        q_in = torch.cat([c, u[:, None, :].expand(-1, c.shape[1], -1)], dim=-1)
+        queries = feature_map(split_heads(self.query(q_in), self.heads), self.feature_map)
+        interest = self.fsm_out(merge_heads(read_state(queries, (s, z), self.eps)))
+        return self.head(u, c, interest, candidate_mask)
+
+
+class IFA(nn.Module):
+    """The training-time composition scorer(encoder(events))."""
+
+    def __init__(self, spec: FeatureSpec, config: IFAConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(spec)
+        self.encoder = SequenceEncoder(self.embeddings.event, config)
+        self.scorer = CandidateScorer(self.embeddings, config)
+
+    def forward(self, batch: Batch) -> Tensor:
+        s, z = self.encoder(batch.events, batch.event_mask, batch.event_times, batch.request_time)
+        return self.scorer(batch.user, batch.candidates, batch.candidate_mask, s, z)

@@ -1,0 +1,1 @@
+"""The ranking service: POST /rank over a cached linear-attention user state."""
