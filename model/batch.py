@@ -8,6 +8,7 @@ loss.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,10 +33,10 @@ class Batch:
         return int(self.user.shape[0])
 
     def to(self, device: torch.device | str) -> Batch:
-        moved = {
-            f.name: (getattr(self, f.name).to(device) if getattr(self, f.name) is not None else None)
-            for f in fields(self)
-        }
+        moved: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device) if value is not None else None
         return Batch(**moved)
 
 
@@ -62,7 +63,9 @@ def collate(requests: list[Request], n_event_fields: int, n_item_fields: int) ->
     event_mask = np.zeros((b, max_n), dtype=bool)
     event_times = np.zeros((b, max_n), dtype=np.float64)
     has_labels = all(r.labels is not None for r in requests)
-    n_objectives = requests[0].labels.shape[1] if has_labels and requests[0].labels is not None else 0
+    n_objectives = (
+        requests[0].labels.shape[1] if has_labels and requests[0].labels is not None else 0
+    )
     labels = np.zeros((b, max_m, n_objectives), dtype=np.float32)
     for i, r in enumerate(requests):
         m, n = len(r.candidates), len(r.events)

@@ -127,7 +127,9 @@ class FeatureSpec:
         try:
             return self.actions.index(action)
         except ValueError:
-            raise KeyError(f"unknown action {action!r}; expected one of {list(self.actions)}") from None
+            raise KeyError(
+                f"unknown action {action!r}; expected one of {list(self.actions)}"
+            ) from None
 
     # -- featurisation: raw columns -> int64 embedding rows ---------------------------------
 
@@ -148,7 +150,9 @@ class FeatureSpec:
         ``timestamps`` unix seconds (UTC).
         """
         timestamps = np.asarray(timestamps, dtype=np.float64)
-        item_rows = np.asarray(item_rows, dtype=np.int64).reshape(len(timestamps), len(self.item_fields))
+        item_rows = np.asarray(item_rows, dtype=np.int64).reshape(
+            len(timestamps), len(self.item_fields)
+        )
         seconds = np.floor(timestamps).astype(np.int64)
         hour = (seconds // int(SECONDS_PER_HOUR)) % 24
         # 1970-01-01 was a Thursday: shift so that Monday is 0.

@@ -28,7 +28,9 @@ def fusion_vector(weights: Mapping[str, float]) -> Tensor:
     """(A,) weights over the action objectives; unknown names are an error."""
     unknown = set(weights) - set(ACTION_OBJECTIVES)
     if unknown:
-        raise ValueError(f"unknown fusion objectives {sorted(unknown)}; expected {ACTION_OBJECTIVES}")
+        raise ValueError(
+            f"unknown fusion objectives {sorted(unknown)}; expected {ACTION_OBJECTIVES}"
+        )
     return torch.tensor([float(weights.get(name, 0.0)) for name in ACTION_OBJECTIVES])
 
 
@@ -49,6 +51,7 @@ class ServingScorer(nn.Module):
     def __init__(self, scorer: CandidateScorer, fusion: Mapping[str, float] = DEFAULT_FUSION):
         super().__init__()
         self.scorer = scorer
+        self.fusion: Tensor
         self.register_buffer("fusion", fusion_vector(fusion))
 
     def forward(

@@ -25,8 +25,12 @@ def build_net(name: str, spec: FeatureSpec, **overrides: Any) -> nn.Module:
     unknown = set(overrides) - known
     if unknown:
         raise TypeError(f"{name} config has no fields {sorted(unknown)}; it has {sorted(known)}")
-    config = config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
-    return net_class(spec, config)  # type: ignore[call-arg]
+    # Checkpoints store tuples as JSON-style lists; configs are frozen and hashable.
+    values: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()
+    }
+    config = config_class(**values)
+    return net_class(spec, config)
 
 
 def config_of(net: nn.Module) -> dict[str, Any]:

@@ -20,7 +20,14 @@ from torch import Tensor, nn
 
 from model.batch import Batch
 from model.features import FeatureSpec
-from model.layers import CandidateHead, Embeddings, FieldEmbedding, NetConfig, merge_heads, split_heads
+from model.layers import (
+    CandidateHead,
+    Embeddings,
+    FieldEmbedding,
+    NetConfig,
+    merge_heads,
+    split_heads,
+)
 from model.linear_attention import (
     DEFAULT_EPS,
     decay_weights,
