@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,6 +24,22 @@ class Checkpoint:
     """Training facts worth keeping beside the weights: world, seed, metrics, fusion weights."""
 
 
+def plain_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Metadata as plain JSON types: numpy scalars would make ``weights_only`` loading fail."""
+    converted: dict[str, Any] = json.loads(json.dumps(metadata, default=_to_builtin))
+    return converted
+
+
+def _to_builtin(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"checkpoint metadata value {value!r} is not JSON-serialisable")
+
+
 def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -30,7 +48,7 @@ def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
             "config": config_of(checkpoint.net),
             "spec": checkpoint.spec.to_dict(),
             "state_dict": checkpoint.net.state_dict(),
-            "metadata": checkpoint.metadata,
+            "metadata": plain_metadata(checkpoint.metadata),
         },
         path,
     )

@@ -115,9 +115,10 @@ def test_padded_candidates_do_not_touch_the_loss():
 def test_checkpoint_round_trip_rebuilds_the_same_network(tmp_path, net):
     spec = small_spec()
     _, batch = make_batch(spec, [(20, 4)])
-    save_checkpoint(Checkpoint("ifa", spec, net, {"seed": 0}), tmp_path / "ifa.pt")
+    metadata = {"seed": 0, "auc": np.float32(0.75), "sizes": np.arange(2)}
+    save_checkpoint(Checkpoint("ifa", spec, net, metadata), tmp_path / "ifa.pt")
     loaded = load_checkpoint(tmp_path / "ifa.pt")
-    assert loaded.metadata == {"seed": 0}
+    assert loaded.metadata == {"seed": 0, "auc": 0.75, "sizes": [0, 1]}
     with torch.no_grad():
         torch.testing.assert_close(loaded.net(batch), net(batch))
 
