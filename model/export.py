@@ -1,0 +1,473 @@
+"""Checkpoint -> versioned serving artefact (layout in :mod:`model.artifact`).
+
+    python -m model.export --checkpoint runs/ifa.pt --catalogue worlds/default --out artifacts \\
+        [--fusion click=1.0,like=0.2] [--formats torchscript,export,aoti]
+
+Each requested format is built, loaded back and checked against the eager network on probe
+inputs (N = 0 and M = 1 included) before it is listed in the manifest; a format that disagrees
+by more than 1e-5 is not shipped. TorchScript and torch.export are required (a failure is an
+error); AOTInductor needs a working C++ toolchain, so its failure is recorded in the manifest
+with the reason and the export goes on. The artefact is assembled in a hidden temporary
+directory and renamed into place, then ``LATEST`` is replaced atomically, so a reader never sees
+a half-written version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Collection, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.export import Dim
+
+from model.artifact import (
+    CATALOGUE_FILE,
+    CHECKPOINT_FILE,
+    FORMATS,
+    LATEST_FILE,
+    MANIFEST_FILE,
+    PROGRAM_FILES,
+    Manifest,
+    Program,
+    load_program_files,
+    model_version,
+    plain_data,
+    quiet_torchscript_deprecation,
+)
+from model.catalogue import Catalogue
+from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from model.features import OBJECTIVES, FeatureSpec, Field
+from model.nets import config_of
+from model.nets.ifa import IFA
+from model.serving import (
+    DEFAULT_FUSION,
+    ServingEncoder,
+    ServingScorer,
+    fusion_vector,
+    serving_programs,
+)
+
+DEFAULT_FORMATS: tuple[str, ...] = ("torchscript", "export", "aoti")
+OPTIONAL_FORMATS: tuple[str, ...] = ("aoti",)
+"""Formats whose failure is recorded rather than raised (they depend on the host toolchain)."""
+VERIFY_TOLERANCE = 1e-5
+PROBE_SIZES: tuple[tuple[int, int], ...] = ((0, 1), (1, 1), (3, 5), (64, 17))
+"""(N events, M candidates) checked against eager for every format before it ships."""
+WORLD_ITEMS_FILE = "items.parquet"
+
+
+class ExportError(RuntimeError):
+    """A required format could not be built or disagreed with the eager network."""
+
+
+# -- example and probe inputs -----------------------------------------------------------------
+
+
+def _random_rows(fields: Sequence[Field], count: int, generator: torch.Generator) -> Tensor:
+    """(count, F) valid embedding rows (padding and OOV included) for the given fields."""
+    columns = [torch.randint(0, f.rows, (count,), generator=generator) for f in fields]
+    return torch.stack(columns, dim=1) if columns else torch.zeros(count, 0, dtype=torch.int64)
+
+
+def probe_inputs(
+    spec: FeatureSpec, n_events: int, n_candidates: int, seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """events (N, F_event), event_times (N,) f64, reference_time () f64, user (F_user,),
+    candidates (M, F_item): random but valid rows, events spread over the last 60 days."""
+    generator = torch.Generator().manual_seed(seed)
+    reference_time = torch.tensor(1.7e9, dtype=torch.float64)
+    ages = torch.rand(n_events, generator=generator, dtype=torch.float64) * 60 * 86400.0
+    event_times = (reference_time - ages).sort().values
+    events = _random_rows(spec.event_fields, n_events, generator)
+    user = _random_rows(spec.user_fields, 1, generator)[0]
+    candidates = _random_rows(spec.item_fields, n_candidates, generator)
+    return events, event_times, reference_time, user, candidates
+
+
+# -- building each format ---------------------------------------------------------------------
+
+
+class _Builder:
+    """Builds the program files of each format into ``directory`` from one pair of modules."""
+
+    def __init__(
+        self, encoder: ServingEncoder, scorer: ServingScorer, spec: FeatureSpec, directory: Path
+    ):
+        self.encoder = encoder
+        self.scorer = scorer
+        self.spec = spec
+        self.directory = directory
+        self._exported: tuple[torch.export.ExportedProgram, torch.export.ExportedProgram] | None = (
+            None
+        )
+
+    def path(self, program_format: str, role: str) -> Path:
+        path = self.directory / PROGRAM_FILES[program_format][role]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def torchscript(self) -> None:
+        with quiet_torchscript_deprecation():
+            for role, module in (("encoder", self.encoder), ("scorer", self.scorer)):
+                scripted = torch.jit.script(module)
+                torch.jit.save(scripted, str(self.path("torchscript", role)))
+
+    def exported(self) -> tuple[torch.export.ExportedProgram, torch.export.ExportedProgram]:
+        """torch.export programs with dynamic N ≥ 0 and M ≥ 1, traced once for both formats.
+
+        The example sizes (8, 8) avoid 0/1 so no dimension is specialised by the trace; the
+        declared minimums then admit N = 0 and M = 1, which verification exercises.
+        """
+        if self._exported is None:
+            events, event_times, reference_time, user, candidates = probe_inputs(self.spec, 8, 8)
+            n_events = Dim("events", min=0)
+            n_candidates = Dim("candidates", min=1)
+            with torch.no_grad():
+                encoder = torch.export.export(
+                    self.encoder,
+                    (events, event_times, reference_time),
+                    dynamic_shapes=({0: n_events}, {0: n_events}, None),
+                )
+                s, z = self.encoder(events, event_times, reference_time)
+                scorer = torch.export.export(
+                    self.scorer,
+                    (user, candidates, s, z),
+                    dynamic_shapes=(None, {0: n_candidates}, None, None),
+                )
+            self._exported = (encoder, scorer)
+        return self._exported
+
+    def export(self) -> None:
+        for role, program in zip(("encoder", "scorer"), self.exported(), strict=True):
+            torch.export.save(program, str(self.path("export", role)))
+
+    def aoti(self) -> None:
+        for role, program in zip(("encoder", "scorer"), self.exported(), strict=True):
+            # Inductor imports torch.utils.mkldnn, whose ScriptModules trip the same TorchScript
+            # deprecation warning at import; it is not ours to act on.
+            with quiet_torchscript_deprecation():
+                torch._inductor.aoti_compile_and_package(
+                    program, package_path=str(self.path("aoti", role))
+                )
+
+    def build(self, program_format: str) -> None:
+        builders: dict[str, Callable[[], None]] = {
+            "torchscript": self.torchscript,
+            "export": self.export,
+            "aoti": self.aoti,
+            "eager": lambda: None,  # the checkpoint copy is the eager format
+        }
+        builders[program_format]()
+
+
+def verify_programs(
+    encoder: Program,
+    scorer: Program,
+    reference: tuple[ServingEncoder, ServingScorer],
+    spec: FeatureSpec,
+    sizes: Sequence[tuple[int, int]] = PROBE_SIZES,
+) -> float:
+    """Largest disagreement with the eager programs over probe inputs.
+
+    Probabilities and scores are compared absolutely; the state relatively, because S and z are
+    sums over N events and their float32 rounding grows with N whatever the program does.
+    """
+    worst = 0.0
+    with torch.no_grad():
+        for seed, (n_events, n_candidates) in enumerate(sizes):
+            events, event_times, reference_time, user, candidates = probe_inputs(
+                spec, n_events, n_candidates, seed
+            )
+            s_ref, z_ref = reference[0](events, event_times, reference_time)
+            s, z = encoder(events, event_times, reference_time)
+            for got, want in ((s, s_ref), (z, z_ref)):
+                scale = want.abs().max().clamp(min=1.0)
+                worst = max(worst, float(((got - want).abs().max() / scale).item()))
+            p_ref, score_ref = reference[1](user, candidates, s_ref, z_ref)
+            p, score = scorer(user, candidates, s_ref, z_ref)
+            for got, want in ((p, p_ref), (score, score_ref)):
+                if got.shape != want.shape or not bool(torch.isfinite(got).all()):
+                    return float("inf")
+                worst = max(worst, float((got - want).abs().max().item()))
+    return worst
+
+
+# -- the artefact -----------------------------------------------------------------------------
+
+
+def export_artifact(
+    checkpoint: Checkpoint,
+    catalogue: Catalogue,
+    out_dir: Path,
+    fusion: Mapping[str, float] | None = None,
+    formats: Collection[str] = DEFAULT_FORMATS,
+    update_latest: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Write ``out_dir/<version>/`` for an IFA checkpoint and return that directory.
+
+    ``fusion`` defaults to the checkpoint's ``metadata["fusion"]``, else click only. The
+    catalogue is re-featurised under the checkpoint's spec. Raises :class:`ExportError` when a
+    required format (any but AOTInductor) fails to build or to verify.
+    """
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise ValueError(f"unknown formats {sorted(unknown)}; expected some of {list(FORMATS)}")
+    net = checkpoint.net
+    if not isinstance(net, IFA):
+        raise TypeError(
+            f"only IFA splits into an encoder and a scorer; "
+            f"{checkpoint.net_name!r} cannot be served"
+        )
+    fusion = dict(
+        fusion if fusion is not None else checkpoint.metadata.get("fusion", DEFAULT_FUSION)
+    )
+    fusion_vector(fusion)  # validates the names before any work
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    say = log or (lambda _message: None)
+
+    was_training = net.training
+    try:
+        reference = serving_programs(net, fusion)  # puts the net in eval mode
+        version = model_version(
+            checkpoint.net_name, config_of(net), checkpoint.spec, fusion, net.state_dict()
+        )
+        staging = out_dir / f".staging-{version}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            manifest = _build(
+                checkpoint, catalogue, reference, fusion, formats, version, staging, say
+            )
+            manifest.save(staging / MANIFEST_FILE)
+            final = _publish(staging, out_dir / version)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    finally:
+        net.train(was_training)
+    if update_latest:
+        write_latest(out_dir, version)
+    return final
+
+
+def _build(
+    checkpoint: Checkpoint,
+    catalogue: Catalogue,
+    reference: tuple[ServingEncoder, ServingScorer],
+    fusion: dict[str, float],
+    formats: Collection[str],
+    version: str,
+    staging: Path,
+    say: Callable[[str], None],
+) -> Manifest:
+    spec = checkpoint.spec
+    net = checkpoint.net
+    assert isinstance(net, IFA)
+    metadata = plain_data(checkpoint.metadata)
+    save_checkpoint(Checkpoint(checkpoint.net_name, spec, net, metadata), staging / CHECKPOINT_FILE)
+    Catalogue(catalogue.columns, spec).save(staging / CATALOGUE_FILE)
+
+    builder = _Builder(reference[0], reference[1], spec, staging)
+    files: dict[str, dict[str, str]] = {}
+    statuses: dict[str, dict[str, Any]] = {}
+    for program_format in [f for f in FORMATS if f in formats or f == "eager"]:
+        started = time.perf_counter()
+        status: dict[str, Any] = {"status": "ok"}
+        try:
+            builder.build(program_format)
+            format_files = PROGRAM_FILES[program_format]
+            paths = {role: staging / name for role, name in format_files.items()}
+            encoder, scorer = load_program_files(paths, program_format, fusion)
+            error = verify_programs(encoder, scorer, reference, spec)
+            status["max_abs_error"] = error
+            if not error <= VERIFY_TOLERANCE:
+                raise ExportError(
+                    f"{program_format} programs disagree with eager by {error:.3g} "
+                    f"(tolerance {VERIFY_TOLERANCE})"
+                )
+            status["bytes"] = sum(p.stat().st_size for p in paths.values())
+            files[program_format] = dict(format_files)
+        except Exception as exc:
+            if program_format not in OPTIONAL_FORMATS:
+                raise ExportError(f"{program_format} export failed: {exc}") from exc
+            status = {"status": "failed", "error": _reason(exc)}
+            shutil.rmtree(staging / program_format, ignore_errors=True)
+        status["seconds"] = round(time.perf_counter() - started, 3)
+        statuses[program_format] = status
+        say(f"  {program_format:<12} {status['status']:<7} {status['seconds']:7.1f} s")
+
+    config = net.config
+    return Manifest(
+        version=version,
+        net=checkpoint.net_name,
+        net_config=config_of(net),
+        spec=spec.to_dict(),
+        objectives=list(OBJECTIVES),
+        actions=list(spec.actions),
+        fusion={k: float(v) for k, v in fusion.items()},
+        heads=config.heads,
+        key_dim=config.key_dim,
+        value_dim=config.value_dim,
+        decay_rates=[float(r) for r in net.encoder.decay_rates().detach()],
+        dtype="float32",
+        files=files,
+        formats=statuses,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        training=metadata,
+        torch_version=torch.__version__,
+        catalogue_items=len(catalogue),
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """A failure reason short enough for a manifest: type, message, and the innermost frame."""
+    message = f"{type(exc).__name__}: {exc}".strip()
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return (message[:1500] + where)[:2000]
+
+
+def _publish(staging: Path, final: Path) -> Path:
+    """Rename the staged directory into place. Versions are content hashes, so an existing
+    directory of the same version holds the same model: it is swapped out, then removed."""
+    if final.exists():
+        retired = final.parent / f".retired-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(final, retired)
+        os.replace(staging, final)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    return final
+
+
+def write_latest(out_dir: Path, version: str) -> None:
+    """Point ``out_dir/LATEST`` at a version, atomically (write a temporary file, rename)."""
+    temporary = out_dir / f".{LATEST_FILE}.{uuid.uuid4().hex[:8]}"
+    temporary.write_text(version + "\n")
+    os.replace(temporary, out_dir / LATEST_FILE)
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def parse_fusion(text: str) -> dict[str, float]:
+    """``click=1.0,like=0.2`` -> {"click": 1.0, "like": 0.2}."""
+    weights: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"fusion entry {part!r} is not name=weight")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"fusion weight {value!r} is not a number") from None
+    return weights
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    formats = tuple(f.strip() for f in text.split(",") if f.strip())
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown formats {sorted(unknown)}; expected some of {list(FORMATS)}"
+        )
+    return formats
+
+
+def catalogue_source(path: Path) -> Path:
+    """A Parquet file, or a world directory's ``items.parquet``."""
+    if path.is_dir():
+        for name in (WORLD_ITEMS_FILE, CATALOGUE_FILE):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path} holds neither {WORLD_ITEMS_FILE} nor {CATALOGUE_FILE}")
+    if not path.is_file():
+        raise FileNotFoundError(f"catalogue {path} does not exist")
+    return path
+
+
+def summarise(directory: Path) -> str:
+    manifest = Manifest.load(directory / MANIFEST_FILE)
+    lines = [
+        f"version   {manifest.version}",
+        f"directory {directory}",
+        f"net       {manifest.net}  heads={manifest.heads} dk={manifest.key_dim} "
+        f"dv={manifest.value_dim}  fusion={manifest.fusion}",
+        f"catalogue {manifest.catalogue_items} items",
+        "formats:",
+    ]
+    for name, status in manifest.formats.items():
+        if status["status"] == "ok":
+            size = status.get("bytes", 0) / 2**20
+            lines.append(
+                f"  {name:<12} ok      {status['seconds']:7.1f} s  {size:7.2f} MiB  "
+                f"max |Δ| vs eager {status.get('max_abs_error', 0.0):.1e}"
+            )
+        else:
+            lines.append(
+                f"  {name:<12} FAILED  {status['seconds']:7.1f} s  {status['error'][:200]}"
+            )
+    lines.append("files:")
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        lines.append(
+            f"  {path.relative_to(directory)!s:<28} {path.stat().st_size / 2**20:8.2f} MiB"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m model.export", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument(
+        "--catalogue", type=Path, required=True, help="Parquet file or world directory"
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="export root (gets <version>/, LATEST)"
+    )
+    parser.add_argument("--fusion", type=parse_fusion, default=None, help="e.g. click=1.0,like=0.2")
+    parser.add_argument(
+        "--formats",
+        type=parse_formats,
+        default=DEFAULT_FORMATS,
+        help="comma list: torchscript,export,aoti",
+    )
+    parser.add_argument("--no-latest", action="store_true", help="do not update LATEST")
+    args = parser.parse_args(argv)
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    catalogue = Catalogue.load(catalogue_source(args.catalogue), checkpoint.spec)
+    print(f"exporting {args.checkpoint} ({checkpoint.net_name}, {len(catalogue)} catalogue items)")
+    try:
+        directory = export_artifact(
+            checkpoint,
+            catalogue,
+            args.out,
+            fusion=args.fusion,
+            formats=args.formats,
+            update_latest=not args.no_latest,
+            log=print,
+        )
+    except (ExportError, TypeError, ValueError) as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 1
+    print(summarise(directory))
+    if not args.no_latest:
+        print(f"LATEST -> {directory.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
