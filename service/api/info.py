@@ -1,0 +1,33 @@
+"""GET /model: what is served and the limits the API enforces."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.api.deps import ServicesDep
+from service.schemas import Limits, ModelInfo
+from service.state import state_bytes
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/model", response_model=ModelInfo, summary="Model version, vocabulary and limits")
+async def model_info(services: ServicesDep) -> ModelInfo:
+    runtime, settings = services.runtime, services.settings
+    return ModelInfo(
+        version=runtime.version,
+        objectives=list(runtime.objectives),
+        actions=list(runtime.actions),
+        fusion=runtime.fusion,
+        heads=runtime.heads,
+        key_dim=runtime.key_dim,
+        value_dim=runtime.value_dim,
+        time_decay=bool((runtime.decay_rates != 0).any()),
+        state_bytes=state_bytes(runtime.heads, runtime.key_dim, runtime.value_dim),
+        store=settings.store,
+        limits=Limits(
+            max_candidates=settings.max_candidates,
+            max_events_per_post=settings.max_events_per_post,
+            default_k=settings.default_k,
+        ),
+    )

@@ -1,0 +1,173 @@
+"""The app factory: ``create_app(settings)`` wires routers, middleware and error handlers; the
+lifespan loads the model, opens the store and (first run) seeds it. Nothing does I/O at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from service.api import events, health, info, rank
+from service.api.deps import Services
+from service.errors import install_error_handlers
+from service.metrics import Metrics
+from service.middleware import HttpMetricsMiddleware
+from service.ranker import Ranker
+from service.runtime import ModelRuntime, load_runtime
+from service.schemas import MAX_ID
+from service.seed import load_seed
+from service.settings import Settings
+from service.stores import open_store
+from service.stores.base import Store
+from service.stores.instrumented import InstrumentedStore
+from service.stores.records import EventLog
+
+logger = logging.getLogger("service")
+
+WARMUP_CANDIDATES = (1, 100, 1000)
+"""Candidate-set sizes scored once at start, so the first requests do not pay for program
+specialisation (TorchScript profiles its first calls)."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings if settings is not None else Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = await start(settings, metrics)
+        app.state.services = services
+        try:
+            yield
+        finally:
+            app.state.services = None
+            await services.store.close()
+            services.runtime.executor.shutdown(wait=True)
+
+    app = FastAPI(
+        title="IFA ranking service",
+        summary="Ranks candidate sets over users' whole behaviour histories (IFA).",
+        version="1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.services = None
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
+    install_error_handlers(app, metrics)
+    for module in (rank, events, health, info):
+        app.include_router(module.router)
+    _document_runtime_limits(app, settings)
+    return app
+
+
+async def start(settings: Settings, metrics: Metrics) -> Services:
+    """Load the model and open the store; raises (and the server does not start) on failure."""
+    logging.getLogger("service").setLevel(settings.log_level.upper())
+    torch.set_num_threads(settings.torch_threads)
+    # Also in each worker: with OpenMP the thread count is a per-thread setting.
+    executor = ThreadPoolExecutor(
+        settings.model_workers,
+        thread_name_prefix="ifa-model",
+        initializer=torch.set_num_threads,
+        initargs=(settings.torch_threads,),
+    )
+    loop = asyncio.get_running_loop()
+    store: Store | None = None
+    try:
+        runtime = await loop.run_in_executor(
+            executor, load_runtime, settings.model_dir, settings.program_format, executor
+        )
+        await loop.run_in_executor(executor, warm_up, runtime)
+        store = InstrumentedStore(open_store(settings), metrics)
+        if settings.seed_world is not None:
+            histories = await loop.run_in_executor(
+                None, load_seed, settings.seed_world, runtime.actions, runtime.spec.user_names
+            )
+            written = await store.seed(histories)
+            logger.info(
+                "seeded %d of %d users (%d events) from %s",
+                written, len(histories.user_ids), len(histories.records), settings.seed_world,
+            )  # fmt: skip
+    except BaseException:
+        if store is not None:
+            await store.close()
+        executor.shutdown(wait=False)
+        raise
+    metrics.model_info.labels(version=runtime.version).set(1)
+    ranker = Ranker(runtime, store, metrics, settings.state_ttl_seconds)
+    logger.info(
+        "serving %s (%s) from %s", runtime.version, settings.program_format, settings.model_dir
+    )
+    return Services(settings, metrics, runtime, store, ranker)
+
+
+def warm_up(runtime: ModelRuntime) -> None:
+    """Run the encoder and scorer on throwaway inputs (executor thread)."""
+    rng = np.random.default_rng(0)
+    log = EventLog(
+        item_ids=rng.integers(0, 1000, 16),
+        actions=np.zeros(16, dtype=np.int64),
+        timestamps=np.sort(rng.uniform(1.7e9, 1.7e9 + 1e5, 16)),
+        end=16,
+    )
+    state = runtime.encode_history(log)
+    user = runtime.user_row(0, {})
+    for m in WARMUP_CANDIDATES:
+        rows, _ = runtime.candidate_rows(rng.integers(0, 1000, m))
+        for _ in range(2):
+            runtime.score(user, rows, state, state.reference_time)
+
+
+def _document_runtime_limits(app: FastAPI, settings: Settings) -> None:
+    """Write limits known only at run time into the OpenAPI document: max_candidates,
+    max_events_per_post and, once the model is loaded, the action vocabulary."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            summary=app.summary,
+            routes=app.routes,
+        )
+        components = schema.get("components", {}).get("schemas", {})
+        _exact_id_bounds(components)
+        if "RankRequest" in components:
+            components["RankRequest"]["properties"]["candidate_ids"]["maxItems"] = (
+                settings.max_candidates
+            )
+        if "EventsRequest" in components:
+            components["EventsRequest"]["properties"]["events"]["maxItems"] = (
+                settings.max_events_per_post
+            )
+        services = app.state.services
+        if isinstance(services, Services) and "EventIn" in components:
+            components["EventIn"]["properties"]["action"]["enum"] = list(services.runtime.actions)
+            app.openapi_schema = schema  # complete: cache it
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _exact_id_bounds(node: Any) -> None:
+    """FastAPI's OpenAPI model keeps ``maximum`` as a float, which rounds 2^63 - 1 up to 2^63;
+    put the exact integer back so that generated clients get the real bound."""
+    if isinstance(node, dict):
+        if node.get("maximum") == float(MAX_ID) and node.get("type") == "integer":
+            node["maximum"] = MAX_ID
+        for value in node.values():
+            _exact_id_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            _exact_id_bounds(value)

@@ -1,0 +1,537 @@
+"""``python -m service.bench``: where the time of a /rank goes, in-process and over HTTP.
+
+For candidate sets M ∈ {100, 500, 1000, 2000} and users with N = 10,000-event histories, with
+the state cached (hit) and not (miss: the whole history is encoded), it measures
+
+* in-process (the ASGI app driven by httpx, no network), memory and Redis stores: each stage's
+  p50/p99 (validate, featurize, state_fetch, encode, forward, serialise) and the server time of
+  the request; the serving overhead is server time minus the scorer's forward;
+* over HTTP (``python -m service`` under uvicorn, Redis store, httpx client on loopback): the
+  client-side latency;
+* the Redis state: bytes per user (the value and Redis's own MEMORY USAGE) and the p50/p99 of a
+  state fetch on loopback.
+
+Results go to results/service_bench.{md,json}. Without --model-dir (or ./artifacts/LATEST) it
+serves an untrained IFA of the default spec with a synthetic 100k-item catalogue: latency does
+not depend on the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
+from service.settings import Settings
+from service.stores.base import SeedHistories
+from service.stores.records import pack_records
+from service.stores.redis import RedisStore
+
+SIZES = (100, 500, 1000, 2000)
+HISTORY = 10_000
+T0 = 1.7e9
+STAGES = ("validate", "featurize", "state_fetch", "encode", "forward", "serialise")
+OVERHEAD_TARGET = 0.5
+"""Serving overhead at M = 1000 should stay within 50 % of the forward pass."""
+
+
+# -- inputs -----------------------------------------------------------------------------------
+
+
+def build_untrained_artifact(out: Path) -> Path:
+    from model.catalogue import Catalogue
+    from model.checkpoint import Checkpoint
+    from model.export import export_artifact
+    from model.features import default_spec
+    from model.nets import build_net
+
+    torch.manual_seed(0)
+    spec = default_spec()
+    rng = np.random.default_rng(0)
+    n = 100_000
+    catalogue = Catalogue(
+        {
+            "item_id": np.arange(n),
+            "category": rng.integers(0, 64, n),
+            "author": rng.integers(0, 4096, n),
+        },
+        spec,
+    )
+    net = build_net("ifa", spec)
+    export_artifact(Checkpoint("ifa", spec, net), catalogue, out, formats=("torchscript",))
+    return out
+
+
+def histories(user_ids: Sequence[int], item_ids: np.ndarray, seed: int) -> SeedHistories:
+    """HISTORY events per user over the catalogue's items, an event a minute."""
+    rng = np.random.default_rng(seed)
+    total = len(user_ids) * HISTORY
+    records = pack_records(
+        rng.choice(item_ids, total),
+        rng.integers(0, 4, total),
+        np.tile(T0 + 60.0 * np.arange(HISTORY), len(user_ids)),
+    )
+    return SeedHistories(
+        user_ids=np.asarray(user_ids, dtype=np.int64),
+        bounds=np.arange(len(user_ids) + 1, dtype=np.int64) * HISTORY,
+        records=records,
+    )
+
+
+class Recorder:
+    """Per-request timings from the app's metrics listener (requests run one at a time).
+
+    A request's record closes on "request_cpu", which :class:`LoopCpuTimer` reports last.
+    """
+
+    def __init__(self) -> None:
+        self.current: dict[str, float] = defaultdict(float)
+        self.requests: list[dict[str, float]] = []
+
+    def __call__(self, name: str, seconds: float) -> None:
+        self.current[name] += seconds
+        if name == "request_cpu":
+            self.requests.append(dict(self.current))
+            self.current = defaultdict(float)
+
+
+class LoopCpuTimer:
+    """ASGI wrapper: the event-loop thread's CPU time per request.
+
+    Everything of a /rank but the scorer and encoder runs on the loop thread (the model runs on
+    the executor's), so this is the serving work in CPU seconds: unlike wall time, it does not
+    grow when other processes compete for the cores.
+    """
+
+    def __init__(self, app: Any, recorder: Recorder) -> None:
+        self.app = app
+        self.recorder = recorder
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        started = time.thread_time()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if scope["type"] == "http":
+                self.recorder("request_cpu", time.thread_time() - started)
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    array = np.asarray(values, dtype=np.float64) * 1000.0
+    return {
+        "p50_ms": float(np.percentile(array, 50)),
+        "p99_ms": float(np.percentile(array, 99)),
+        "n": len(array),
+    }
+
+
+def body(user: int, candidates: np.ndarray, k: int = 50) -> dict[str, Any]:
+    return {"user_id": user, "candidate_ids": candidates.tolist(), "k": k}
+
+
+# -- in-process -------------------------------------------------------------------------------
+
+
+async def in_process(
+    settings: Settings, item_ids: np.ndarray, hits: int, misses: int, seed: int
+) -> dict[str, Any]:
+    app = create_app(settings)
+    recorder = Recorder()
+    app.state.metrics.add_listener(recorder)
+    rng = np.random.default_rng(seed)
+    results: dict[str, Any] = {}
+    async with app.router.lifespan_context(app):
+        store = app.state.services.store
+        miss_users = [1_000_000 + seed * 100_000 + i for i in range(misses * len(SIZES))]
+        await store.seed(histories([7, *miss_users], item_ids, seed))
+        transport = httpx.ASGITransport(app=LoopCpuTimer(app, recorder))
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+            for m in SIZES:
+                candidates = [rng.choice(item_ids, m, replace=False) for _ in range(8)]
+                await client.post("/rank", json=body(7, candidates[0]))  # cache the state
+                for cache, users in (("hit", [7] * hits), ("miss", miss_users[:misses])):
+                    if cache == "miss":
+                        miss_users = miss_users[misses:]
+                    recorder.requests.clear()
+                    for i, user in enumerate(users):
+                        response = await client.post("/rank", json=body(user, candidates[i % 8]))
+                        assert response.status_code == 200, response.text
+                        assert response.json()["state_cache"] == cache
+                    results[f"{cache}/{m}"] = summarise(recorder.requests)
+    return results
+
+
+def summarise(requests: list[dict[str, float]]) -> dict[str, Any]:
+    stages = {s: percentiles([r.get(s, 0.0) for r in requests]) for s in STAGES}
+    overhead = [r["request"] - r.get("forward", 0.0) - r.get("encode", 0.0) for r in requests]
+    return {
+        "stages": stages,
+        "server": percentiles([r["request"] for r in requests]),
+        "overhead": percentiles(overhead),
+        "forward_cpu": percentiles([r.get("forward_cpu", 0.0) for r in requests]),
+        "serving_cpu": percentiles([r["request_cpu"] for r in requests]),
+    }
+
+
+# -- over HTTP --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def uvicorn_process(model_dir: Path, settings: dict[str, str]) -> Iterator[str]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IFA_")}
+    env.update({f"IFA_{k.upper()}": v for k, v in settings.items()})
+    command = [sys.executable, "-m", "service", "--port", str(port), "--model-dir", str(model_dir)]
+    process = subprocess.Popen(
+        [*command, "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                error = process.stderr.read().decode() if process.stderr else ""
+                raise RuntimeError(f"the service exited with {process.returncode}: {error}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the service was not ready within 120 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+Buckets = dict[str, list[tuple[float, float]]]
+"""Per series (a stage, or "request"): cumulative (upper bound, count) pairs."""
+
+
+def scrape(client: httpx.Client) -> Buckets:
+    series: Buckets = defaultdict(list)
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "ifa_rank_stage_duration_seconds_bucket":
+                key = sample.labels["stage"]
+            elif (
+                sample.name == "ifa_http_request_duration_seconds_bucket"
+                and sample.labels.get("route") == "/rank"
+            ):
+                key = "request"
+            else:
+                continue
+            series[key].append((float(sample.labels["le"]), sample.value))
+    return series
+
+
+def histogram_quantile(q: float, before: list[tuple[float, float]],
+                       after: list[tuple[float, float]]) -> float:  # fmt: skip
+    """Prometheus's histogram_quantile over the observations between two scrapes, in ms."""
+    counts = [(le, a - b) for (le, a), (_, b) in zip(sorted(after), sorted(before), strict=True)]
+    total = counts[-1][1]
+    if total <= 0:
+        return 0.0
+    rank, lower, below = q * total, 0.0, 0.0
+    for le, cumulative in counts:
+        if cumulative >= rank:
+            if le == float("inf"):
+                return lower * 1000.0
+            share = (rank - below) / (cumulative - below) if cumulative > below else 1.0
+            return (lower + (le - lower) * share) * 1000.0
+        lower, below = le, cumulative
+    return lower * 1000.0
+
+
+def over_http(url: str, item_ids: np.ndarray, miss_users: list[int], hits: int, misses: int,
+              seed: int) -> dict[str, Any]:  # fmt: skip
+    """Client latency, and the server's stage percentiles estimated from its own histograms."""
+    rng = np.random.default_rng(seed)
+    results: dict[str, Any] = {}
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for m in SIZES:
+            candidates = [rng.choice(item_ids, m, replace=False) for _ in range(8)]
+            client.post("/rank", json=body(7, candidates[0]))
+            for cache, users in (("hit", [7] * hits), ("miss", miss_users[:misses])):
+                if cache == "miss":
+                    miss_users = miss_users[misses:]
+                latencies = []
+                before = scrape(client)
+                for i, user in enumerate(users):
+                    started = time.perf_counter()
+                    response = client.post("/rank", json=body(user, candidates[i % 8]))
+                    latencies.append(time.perf_counter() - started)
+                    assert response.status_code == 200, response.text
+                    assert response.json()["state_cache"] == cache
+                after = scrape(client)
+                results[f"{cache}/{m}"] = {
+                    "client": percentiles(latencies),
+                    "server_histograms": {
+                        key: {
+                            "p50_ms": histogram_quantile(0.5, before[key], after[key]),
+                            "p99_ms": histogram_quantile(0.99, before[key], after[key]),
+                        }
+                        for key in (*STAGES, "request")
+                    },
+                }
+    return results
+
+
+# -- Redis state ------------------------------------------------------------------------------
+
+
+async def redis_state(url: str, prefix: str, version: str, fetches: int) -> dict[str, Any]:
+    store = RedisStore(url, prefix=prefix)
+    try:
+        blob = (await store.snapshot(version, 7, 3600)).state
+        assert blob is not None, "user 7 has no cached state"
+        usage = await store._client.memory_usage(store._key(7, f"state:{version}"))
+        latencies = []
+        for _ in range(fetches):
+            started = time.perf_counter()
+            await store.snapshot(version, 7, 3600)
+            latencies.append(time.perf_counter() - started)
+        return {
+            "state_bytes": len(blob),
+            "redis_memory_usage_bytes": int(usage or 0),
+            "fetch": percentiles(latencies),
+        }
+    finally:
+        await store.close()
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Service benchmark",
+        "",
+        f"{report['machine']}; torch threads {report['torch_threads']}; model "
+        f"{report['model_version']} ({report['model']}); N = {HISTORY} events per history; "
+        f"{report['seconds']:.0f} s; 1-minute load average {report['load_average_at_start']:.1f} "
+        f"at start, {report['load_average_at_end']:.1f} at end (the machine is shared: a load "
+        "above 2 means other processes competed for the cores, and p99s suffer most). "
+        "Times in ms.",
+        "",
+    ]
+    for name, runs in report["in_process"].items():
+        lines += [
+            f"## In-process, {name} store: stages p50 / p99",
+            "",
+            "| cache | M | " + " | ".join(STAGES) + " | server | overhead |",
+            "|---|---:|" + "---:|" * (len(STAGES) + 2),
+        ]
+        for key, run in runs.items():
+            cache, m = key.split("/")
+            cells = [f"{run['stages'][s]['p50_ms']:.2f} / {run['stages'][s]['p99_ms']:.2f}"
+                     for s in STAGES]  # fmt: skip
+            for part in ("server", "overhead"):
+                cells.append(f"{run[part]['p50_ms']:.2f} / {run[part]['p99_ms']:.2f}")
+            lines.append(f"| {cache} | {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [
+        "overhead = server time − forward − encode: validation, featurisation, state fetch, "
+        "executor hops, top-k and serialisation. Wall times include any wait for a core; the "
+        "CPU-time ratio under Targets does not, and is the figure to trust on a loaded machine.",
+        "",
+        "## Over HTTP (uvicorn + httpx on loopback, Redis store): p50 / p99",
+        "",
+        "Stages and server time are estimated from the service's own Prometheus histograms "
+        "(as histogram_quantile would); client = what the httpx client measured.",
+        "",
+        "| cache | M | " + " | ".join(STAGES) + " | server | client |",
+        "|---|---:|" + "---:|" * (len(STAGES) + 2),
+    ]
+    for key, run in report["http"].items():
+        cache, m = key.split("/")
+        server = run["server_histograms"]
+        cells = [f"{server[s]['p50_ms']:.2f} / {server[s]['p99_ms']:.2f}" for s in STAGES]
+        cells.append(f"{server['request']['p50_ms']:.2f} / {server['request']['p99_ms']:.2f}")
+        cells.append(f"{run['client']['p50_ms']:.2f} / {run['client']['p99_ms']:.2f}")
+        lines.append(f"| {cache} | {m} | " + " | ".join(cells) + " |")
+    o = report["overhead_at_1000"]
+    r = report["redis_state"]
+    lines += [
+        "",
+        "## Targets",
+        "",
+        "| what | measured | target | met |",
+        "|---|---:|---:|:---:|",
+    ]
+    for store, row in o.items():
+        lines.append(
+            f"| serving overhead / forward, M = 1000, cache hit, {store}: wall time (p50) | "
+            f"{row['overhead_ms']:.2f} / {row['forward_ms']:.2f} ms = {row['ratio']:.0%} | "
+            f"≤ {OVERHEAD_TARGET:.0%} | {'yes' if row['ratio'] <= OVERHEAD_TARGET else 'no'} |"
+        )
+        lines.append(
+            f"| the same in CPU time: loop thread / scorer thread, {store} (p50) | "
+            f"{row['serving_cpu_ms']:.2f} / {row['forward_cpu_ms']:.2f} ms = "
+            f"{row['cpu_ratio']:.0%} | ≤ {OVERHEAD_TARGET:.0%} | "
+            f"{'yes' if row['cpu_ratio'] <= OVERHEAD_TARGET else 'no'} |"
+        )
+    http_ratio = report["http_overhead_at_1000"]
+    lines += [
+        f"| over HTTP: client latency − forward, M = 1000, cache hit (p50, forward from the "
+        f"server's histogram) | "
+        f"{http_ratio['overhead_ms']:.2f} / {http_ratio['forward_ms']:.2f} ms = "
+        f"{http_ratio['ratio']:.0%} | (informative) | |",
+        f"| Redis state per user | {r['state_bytes']} B value, "
+        f"{r['redis_memory_usage_bytes']} B in Redis | ≤ 16384 B | "
+        f"{'yes' if r['redis_memory_usage_bytes'] <= 16384 else 'no'} |",
+        "| Redis state fetch p99 (loopback; one script call: state, profile, log length) | "
+        f"{r['fetch']['p99_ms']:.3f} ms "
+        f"(p50 {r['fetch']['p50_ms']:.3f}) | ≤ 1 ms | "
+        f"{'yes' if r['fetch']['p99_ms'] <= 1.0 else 'no'} |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace, model_dir: Path, model_label: str) -> dict[str, Any]:
+    started = time.perf_counter()
+    torch.set_num_threads(args.torch_threads)
+    from model.artifact import load_artifact
+
+    model = load_artifact(model_dir)
+    item_ids = model.catalogue.item_ids.copy()
+    version = model.manifest.version
+    prefix = f"ifa-bench-{uuid.uuid4().hex[:8]}"
+    common = {"model_dir": model_dir, "torch_threads": args.torch_threads, "log_level": "warning"}
+    report: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), "
+        f"Python {platform.python_version()}, torch {torch.__version__}",
+        "torch_threads": args.torch_threads,
+        "load_average_at_start": os.getloadavg()[0],
+        "model": model_label,
+        "model_version": version,
+        "in_process": {},
+    }
+    print(f"model {version} ({model_label})", flush=True)
+    memory = Settings(**common)
+    redis_settings = Settings(**common, store="redis", redis_url=args.redis_url,
+                              redis_prefix=prefix)  # fmt: skip
+    cleanup = RedisStore(args.redis_url, prefix=prefix)
+    try:
+        for name, settings in (("memory", memory), ("redis", redis_settings)):
+            print(f"in-process, {name} store ...", flush=True)
+            report["in_process"][name] = await in_process(
+                settings, item_ids, args.hits, args.misses, seed=len(report["in_process"])
+            )
+        report["redis_state"] = await redis_state(args.redis_url, prefix, version, 2000)
+
+        print("over HTTP, redis store ...", flush=True)
+        http_prefix = f"{prefix}-http"
+        miss_users = [5_000_000 + i for i in range(args.misses * len(SIZES))]
+        seeder = RedisStore(args.redis_url, prefix=http_prefix)
+        await seeder.seed(histories([7, *miss_users], item_ids, seed=9))
+        try:
+            with uvicorn_process(
+                model_dir,
+                {"store": "redis", "redis_url": args.redis_url, "redis_prefix": http_prefix,
+                 "torch_threads": str(args.torch_threads)},
+            ) as url:  # fmt: skip
+                report["http"] = await asyncio.to_thread(
+                    over_http, url, item_ids, miss_users, args.hits, args.misses, 11
+                )
+        finally:
+            await seeder.delete_prefix()
+            await seeder.close()
+    finally:
+        await cleanup.delete_prefix()
+        await cleanup.close()
+
+    report["overhead_at_1000"] = {}
+    for name, runs in report["in_process"].items():
+        hit = runs["hit/1000"]
+        forward = hit["stages"]["forward"]["p50_ms"]
+        overhead = hit["overhead"]["p50_ms"]
+        forward_cpu = hit["forward_cpu"]["p50_ms"]
+        serving_cpu = hit["serving_cpu"]["p50_ms"]
+        report["overhead_at_1000"][name] = {
+            "overhead_ms": overhead, "forward_ms": forward, "ratio": overhead / forward,
+            "serving_cpu_ms": serving_cpu, "forward_cpu_ms": forward_cpu,
+            "cpu_ratio": serving_cpu / forward_cpu,
+        }  # fmt: skip
+    http_hit = report["http"]["hit/1000"]
+    forward = http_hit["server_histograms"]["forward"]["p50_ms"]
+    http_overhead = http_hit["client"]["p50_ms"] - forward
+    report["http_overhead_at_1000"] = {
+        "overhead_ms": http_overhead, "forward_ms": forward, "ratio": http_overhead / forward,
+    }  # fmt: skip
+    report["seconds"] = time.perf_counter() - started
+    report["load_average_at_end"] = os.getloadavg()[0]
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m service.bench", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--model-dir", type=Path, help="artefact root; default ./artifacts if it has LATEST"
+    )
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    parser.add_argument("--hits", type=int, default=300, help="cache-hit requests per M")
+    parser.add_argument("--misses", type=int, default=40, help="cache-miss requests per M")
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="ifa-bench-") as scratch:
+        model_dir = args.model_dir
+        label = "trained artefact"
+        if model_dir is None and (Path("artifacts") / "LATEST").is_file():
+            model_dir = Path("artifacts")
+        if model_dir is None:
+            print("no artefact: exporting an untrained IFA (default spec, 100k items)", flush=True)
+            model_dir = build_untrained_artifact(Path(scratch))
+            label = "untrained IFA, default spec, synthetic 100k-item catalogue"
+        report = asyncio.run(run(args, model_dir, label))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "service_bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    (args.out / "service_bench.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

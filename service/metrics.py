@@ -1,0 +1,141 @@
+"""Prometheus metrics of the service, in a registry of the app's own (tests build many apps).
+
+Names and labels are a contract with the dashboards and alerts: change neither lightly. Labels are
+bounded sets (route templates, status classes, stages, outcomes), never user or item ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+    0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+"""Fine below 50 ms, where the p99 objective lies."""
+
+STAGE_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
+    0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+"""Stages are parts of a request: a decade finer at the bottom than the request histogram."""
+
+METRICS_ROUTE = "/metrics"
+"""Excluded from the latency histogram: scrapes are not traffic."""
+
+CANDIDATE_BUCKETS = (1, 10, 50, 100, 200, 500, 1000, 1500, 2000, 3000, 5000)
+
+STAGES = ("validate", "featurize", "state_fetch", "fold", "encode", "forward", "serialise")
+CACHE_OUTCOMES = ("hit", "miss", "stale")
+INGEST_OUTCOMES = ("accepted", "duplicate")
+ERROR_KINDS = ("validation", "store", "model", "internal")
+STORE_OPERATIONS = (
+    "snapshot", "read_events", "append_events", "put_state", "put_profile", "seed", "ping",
+)  # fmt: skip
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter(
+            "ifa_http_requests_total",
+            "HTTP requests served, by route template, method and status class.",
+            ["route", "method", "status_class"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "ifa_http_request_duration_seconds",
+            "HTTP request latency (the /metrics route excluded).",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rank_stage = Histogram(
+            "ifa_rank_stage_duration_seconds",
+            "Time spent in each stage of a /rank request.",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.state_cache = Counter(
+            "ifa_state_cache_total",
+            "User state lookups: hit, miss (encoded from the whole log) or stale (events folded).",
+            ["outcome"],
+            registry=r,
+        )
+        self.rank_candidates = Histogram(
+            "ifa_rank_candidates",
+            "Candidates per /rank request.",
+            buckets=CANDIDATE_BUCKETS,
+            registry=r,
+        )
+        self.candidates = Counter("ifa_candidates_total", "Candidates scored.", registry=r)
+        self.unknown_items = Counter(
+            "ifa_unknown_items_total",
+            "Candidates not in the catalogue, scored with out-of-vocabulary rows.",
+            registry=r,
+        )
+        self.events_ingested = Counter(
+            "ifa_events_ingested_total",
+            "Behaviour events posted, by outcome (duplicates are retries by event id).",
+            ["outcome"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "ifa_errors_total",
+            "Failed requests by kind: validation, store, model, internal.",
+            ["kind"],
+            registry=r,
+        )
+        self.store_duration = Histogram(
+            "ifa_store_operation_duration_seconds",
+            "Latency of store operations.",
+            ["operation"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "ifa_store_errors_total", "Failed store operations.", ["operation"], registry=r
+        )
+        self.model_info = Gauge(
+            "ifa_model_info", "The model version served (value 1).", ["version"], registry=r
+        )
+        # Pre-create the bounded label sets so that dashboards see zeros, not gaps.
+        for stage in STAGES:
+            self.rank_stage.labels(stage=stage)
+        for outcome in CACHE_OUTCOMES:
+            self.state_cache.labels(outcome=outcome)
+        for outcome in INGEST_OUTCOMES:
+            self.events_ingested.labels(outcome=outcome)
+        for kind in ERROR_KINDS:
+            self.errors.labels(kind=kind)
+        for operation in STORE_OPERATIONS:
+            self.store_duration.labels(operation=operation)
+            self.store_errors.labels(operation=operation)
+
+        self._listeners: list[Callable[[str, float], None]] = []
+
+    def add_listener(self, listener: Callable[[str, float], None]) -> None:
+        """Also hand every stage timing, and every request's ("request", seconds), to
+        ``listener``: the benchmark reads exact per-request figures this way, not buckets."""
+        self._listeners.append(listener)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.rank_stage.labels(stage=stage).observe(seconds)
+        self.notify(stage, seconds)
+
+    def notify(self, name: str, seconds: float) -> None:
+        """Hand a timing to the listeners only (no Prometheus series)."""
+        for listener in self._listeners:
+            listener(name, seconds)
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(
+            route=route, method=method, status_class=f"{status // 100}xx"
+        ).inc()
+        if route != METRICS_ROUTE:
+            self.http_duration.labels(route=route, method=method).observe(seconds)
+        self.notify("request", seconds)

@@ -1,0 +1,146 @@
+"""The loaded model as the service uses it: the exported encoder and scorer, the catalogue,
+and the executor their torch work runs on (never on the event loop).
+
+Featurisation (numpy lookups, microseconds) runs on the event loop; the torch methods
+(``encode_history``, ``fold_events``, ``score``) run on the executor, through
+:meth:`ModelRuntime.run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from model.artifact import ServingModel, load_artifact
+from model.catalogue import Catalogue
+from model.features import FeatureSpec
+from service.state import UserState, advance, empty_state, fold, fold_reference_time
+from service.stores.records import EventLog
+
+T = TypeVar("T")
+API_OBJECTIVES = ("impression", "click", "long_view", "like")
+
+
+@dataclass(frozen=True)
+class Scored:
+    probabilities: np.ndarray  # (M, 1 + A) float32: p(impression), then p(action | impression)
+    scores: np.ndarray  # (M,) float32, the fused ranking score
+    forward_seconds: float
+    forward_cpu_seconds: float
+    """CPU time of the worker thread: unlike wall time, not inflated by CPU contention."""
+
+
+class ModelRuntime:
+    """One model version, ready to encode histories and score candidate sets."""
+
+    def __init__(
+        self,
+        model: ServingModel,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        manifest = model.manifest
+        self.model = model
+        self.catalogue: Catalogue = model.catalogue
+        self.executor = executor
+        self.version: str = str(manifest.version)
+        self.spec: FeatureSpec = model.spec
+        self.actions: tuple[str, ...] = tuple(manifest.actions)
+        self.objectives: tuple[str, ...] = tuple(manifest.objectives)
+        if self.objectives != API_OBJECTIVES:
+            # The wire format names these four probabilities (DESIGN §5).
+            raise ValueError(f"model objectives {self.objectives}; the API serves {API_OBJECTIVES}")
+        self.fusion: dict[str, float] = {
+            str(name): float(weight) for name, weight in dict(manifest.fusion).items()
+        }
+        self.heads: int = int(manifest.heads)
+        self.key_dim: int = int(manifest.key_dim)
+        self.value_dim: int = int(manifest.value_dim)
+        self.decay_rates = model.decay_rates.to(torch.float32)
+        if self.decay_rates.shape != (self.heads,):
+            raise ValueError(
+                f"manifest has {len(self.decay_rates)} decay rates for {self.heads} heads"
+            )
+
+    async def run(self, job: Callable[[], T]) -> T:
+        """Run torch work on the model executor, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, job)
+
+    def empty_state(self) -> UserState:
+        return empty_state(self.heads, self.key_dim, self.value_dim)
+
+    # -- featurisation (cheap numpy, fine on the loop) ---------------------------------------
+
+    def candidate_rows(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(M, F_item) rows and the (M,) known mask; unknown ids get OOV rows."""
+        return self.catalogue.rows(item_ids)
+
+    def user_row(self, user_id: int, profile: dict[str, int]) -> np.ndarray:
+        """(F_user,) row from the id and the stored profile (missing attributes -> OOV)."""
+        columns = {name: np.array([value], dtype=np.int64) for name, value in profile.items()}
+        columns["user_id"] = np.array([user_id], dtype=np.int64)
+        known = {name: col for name, col in columns.items() if name in self.spec.user_names}
+        return self.spec.user_rows(known)[0]
+
+    def event_rows(self, log: EventLog) -> np.ndarray:
+        """(N, F_event) rows of logged events (their items through the catalogue)."""
+        item_rows, _ = self.catalogue.rows(log.item_ids)
+        return self.spec.event_rows(item_rows, log.actions, log.timestamps)
+
+    # -- torch work (executor only) ----------------------------------------------------------
+
+    def encode_history(self, log: EventLog) -> UserState:
+        """The state of a whole log, from scratch, referenced to its newest event."""
+        return self.fold_events(self.empty_state(), log)
+
+    def fold_events(self, state: UserState, log: EventLog) -> UserState:
+        """The state with the events of ``log`` added; its cursor becomes ``log.end``."""
+        if len(log) == 0:
+            return UserState(state.s, state.z, log.end, state.reference_time)
+        reference = fold_reference_time(state, log.timestamps)
+        with torch.inference_mode():
+            # The loader encodes very long histories in chunks, so memory stays bounded.
+            s, z = self.model.encode(
+                torch.from_numpy(self.event_rows(log)),
+                torch.from_numpy(np.ascontiguousarray(log.timestamps)),
+                reference,
+            )
+        return fold(state, (s.float(), z.float()), reference, log.end, self.decay_rates)
+
+    def score(
+        self,
+        user_row: np.ndarray,
+        candidate_rows: np.ndarray,
+        state: UserState,
+        request_time: float,
+    ) -> Scored:
+        """Score a candidate set against a state discounted to the request time."""
+        started, started_cpu = time.perf_counter(), time.thread_time()
+        current = advance(state, request_time, self.decay_rates)
+        with torch.inference_mode():
+            probabilities, scores = self.model.score(
+                torch.from_numpy(user_row),
+                torch.from_numpy(np.ascontiguousarray(candidate_rows)),
+                current.s,
+                current.z,
+            )
+        return Scored(
+            probabilities=probabilities.float().numpy(),
+            scores=scores.float().numpy(),
+            forward_seconds=time.perf_counter() - started,
+            forward_cpu_seconds=time.thread_time() - started_cpu,
+        )
+
+
+def load_runtime(
+    model_dir: Path, program_format: str, executor: ThreadPoolExecutor
+) -> ModelRuntime:
+    """Load ``model_dir`` (an artefact directory, or an export root whose LATEST names one)."""
+    return ModelRuntime(load_artifact(model_dir, program_format), executor)

@@ -1,0 +1,200 @@
+"""Wire format of the API (DESIGN §5). Fields may be added, never renamed.
+
+Validation happens here, at the edge: ids are strict non-negative 64-bit integers (no floats, no
+strings, no booleans), candidate ids are unique. Limits that depend on settings or on the model
+(``max_candidates``, ``max_events_per_post``, the action vocabulary) are checked by the routes
+and written into the OpenAPI document by :func:`service.app.create_app`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_ID = 2**63 - 1
+MAX_TIMESTAMP = 4_102_444_800.0
+"""2100-01-01 in unix seconds: larger values are milliseconds or nonsense, not seconds."""
+MAX_EVENT_ID_LENGTH = 128
+
+Id = Annotated[
+    int,
+    Field(
+        strict=True,
+        ge=0,
+        le=MAX_ID,
+        description="Non-negative 64-bit integer id (a JSON integer: no float, string or bool).",
+    ),
+]
+Timestamp = Annotated[
+    float,
+    Field(
+        strict=True,
+        ge=0.0,
+        le=MAX_TIMESTAMP,
+        allow_inf_nan=False,
+        description="Unix time in seconds (UTC), a JSON number.",
+    ),
+]
+
+
+class _Strict(BaseModel):
+    # Unknown fields are refused: a misspelt "candidates" must not be ignored silently.
+    model_config = ConfigDict(extra="forbid")
+
+
+class RankRequest(_Strict):
+    user_id: Id = Field(description="The user to rank for; unknown users get an empty history.")
+    candidate_ids: list[Id] = Field(
+        min_length=1,
+        description="The candidate set, scored in one pass: 1..max_candidates unique item ids "
+        "(max_candidates is in GET /model). Unknown ids are scored with out-of-vocabulary "
+        "embeddings and counted in unknown_items.",
+    )
+    k: int | None = Field(
+        default=None,
+        strict=True,
+        ge=1,
+        le=MAX_ID,
+        description="Items to return, best first; fewer when the set is smaller. "
+        "Omitted: the service's default_k (GET /model).",
+    )
+    request_time: Timestamp | None = Field(
+        default=None,
+        description="Unix seconds the request is scored at (time decay of the history is "
+        "relative to it). Omitted: the server's clock. For replays and reproducible tests.",
+    )
+
+    @field_validator("candidate_ids")
+    @classmethod
+    def _unique(cls, ids: list[int]) -> list[int]:
+        if len(set(ids)) != len(ids):
+            duplicated = sorted(i for i, n in Counter(ids).items() if n > 1)
+            shown = duplicated[:20]
+            more = (
+                f" and {len(duplicated) - len(shown)} more" if len(duplicated) > len(shown) else ""
+            )
+            raise ValueError(f"candidate_ids must be unique; duplicated ids: {shown}{more}")
+        return ids
+
+
+class Probabilities(BaseModel):
+    impression: float = Field(description="p(impression | candidate, set, user).")
+    click: float = Field(description="p(click | impression).")
+    long_view: float = Field(description="p(long view | impression).")
+    like: float = Field(description="p(like | impression).")
+
+
+class RankedItem(BaseModel):
+    item_id: int = Field(description="Candidate id, as sent.")
+    score: float = Field(
+        description="Ranking score: p(impression) · Σ_a w_a p(a | impression) with the model's "
+        "fusion weights (GET /model; default p(impression)·p(click | impression))."
+    )
+    probabilities: Probabilities = Field(
+        description="Per objective: p(impression), then p(action | impression)."
+    )
+
+
+class RankResponse(BaseModel):
+    model_version: str = Field(description="Version of the model that scored the request.")
+    items: list[RankedItem] = Field(description="min(k, len(candidate_ids)) items, best first.")
+    unknown_items: int = Field(description="Candidates not in the catalogue (scored as OOV).")
+    history_length: int = Field(description="Behaviour events in the user's state.")
+    state_cache: Literal["hit", "miss", "stale"] = Field(
+        description="hit: cached state used as is; stale: newer events folded into it; "
+        "miss: encoded from the whole history."
+    )
+
+
+class EventIn(_Strict):
+    event_id: str = Field(
+        strict=True,
+        min_length=1,
+        max_length=MAX_EVENT_ID_LENGTH,
+        description="Client-chosen id, unique per user: a re-posted id is a duplicate and "
+        "changes nothing, so retries are safe.",
+    )
+    user_id: Id = Field(description="The user who acted.")
+    item_id: Id = Field(description="The item acted on (ids outside the catalogue are kept).")
+    action: str = Field(
+        strict=True,
+        description="Action name from the model's action vocabulary (GET /model, 'actions').",
+    )
+    timestamp: Timestamp = Field(
+        description="When it happened, unix seconds. Order does not matter: a late event with "
+        "an old timestamp is folded with its own time weight."
+    )
+
+
+class EventsRequest(_Strict):
+    events: list[EventIn] = Field(
+        min_length=1,
+        description="1..max_events_per_post events (max_events_per_post is in GET /model).",
+    )
+
+
+class EventsResponse(BaseModel):
+    accepted: int = Field(description="Events appended to their user's history.")
+    duplicates: int = Field(description="Events whose event_id the user's history already had.")
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int] = Field(description="Where: ['body', 'candidate_ids', 3], ...")
+    field: str = Field(description="The offending field as a path: 'candidate_ids[3]'.")
+    msg: str = Field(description="What is wrong, naming the field.")
+    type: str = Field(description="Machine-readable error type (pydantic's).")
+
+
+class ValidationErrorResponse(BaseModel):
+    detail: list[ValidationIssue] = Field(description="Every problem found, one per field.")
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="What went wrong.")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = Field(description="Always 'ok': the process answers.")
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready"] = Field(description="The model is loaded and the store answers.")
+    model_version: str = Field(description="The model version served.")
+
+
+class Limits(BaseModel):
+    max_candidates: int = Field(description="Largest candidate_ids list /rank accepts.")
+    max_events_per_post: int = Field(description="Largest events list /events accepts.")
+    default_k: int = Field(description="Items /rank returns when k is omitted.")
+    max_id: int = Field(default=MAX_ID, description="Largest user or item id (2^63 - 1).")
+    max_timestamp: float = Field(
+        default=MAX_TIMESTAMP, description="Largest event timestamp, unix seconds (2100-01-01)."
+    )
+
+
+class ModelInfo(BaseModel):
+    version: str = Field(description="The model version served.")
+    objectives: list[str] = Field(description="Probability columns: impression, then actions.")
+    actions: list[str] = Field(description="The action vocabulary /events accepts.")
+    fusion: dict[str, float] = Field(description="Weights of p(action | imp) in the score.")
+    heads: int = Field(description="Attention heads of the user state.")
+    key_dim: int = Field(description="Key dimension per head (rows of S).")
+    value_dim: int = Field(description="Value dimension per head (columns of S).")
+    time_decay: bool = Field(description="Whether the state decays with event age.")
+    state_bytes: int = Field(description="Size of one cached user state.")
+    store: str = Field(description="State store backend: memory or redis.")
+    limits: Limits = Field(description="Limits the API enforces.")
+
+
+VALIDATION_RESPONSES: dict[int | str, dict[str, object]] = {
+    400: {"model": ValidationErrorResponse, "description": "Malformed JSON body."},
+    422: {
+        "model": ValidationErrorResponse,
+        "description": "A field is invalid; each issue names it (loc, field, msg).",
+    },
+}
+STORE_RESPONSES: dict[int | str, dict[str, object]] = {
+    503: {"model": ErrorResponse, "description": "The state store is unreachable."},
+}

@@ -1,0 +1,103 @@
+"""The store interface: a behaviour log (idempotent appends, reads after a cursor, profiles)
+and a state cache (compare-and-set on the cursor, TTL, keys by model version and user).
+
+Cursors are log positions, not timestamps: the state with cursor c is a pure function of the
+first c events the user's log received, whatever their timestamps. An event that arrives late
+with an old timestamp gets the next position, so it is folded in by the next read like any other
+(with its own decay weight), and nothing older than the cursor is ever missed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from service.stores.records import EventLog
+
+
+class StoreError(RuntimeError):
+    """The store could not be reached or refused an operation."""
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """One behaviour event as ingested; ``action`` indexes the model's action vocabulary."""
+
+    event_id: str
+    user_id: int
+    item_id: int
+    action: int
+    timestamp: float
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    accepted: int
+    duplicates: int
+
+
+@dataclass(frozen=True)
+class UserSnapshot:
+    """What a rank request needs from the store, read in one round trip."""
+
+    state: bytes | None
+    """The cached state blob for the model version, or None on a miss."""
+    profile: dict[str, int]
+    log_length: int
+    """Events the user's log holds: a state whose cursor is smaller is stale."""
+
+
+@dataclass(frozen=True)
+class SeedHistories:
+    """Whole histories to preload, user by user (the demo world's first run).
+
+    Records of user ``user_ids[u]`` are ``records[bounds[u]:bounds[u + 1]]``.
+    """
+
+    user_ids: np.ndarray  # (U,) int64
+    bounds: np.ndarray  # (U + 1,) int64
+    records: np.ndarray  # (E,) EVENT_RECORD
+    profiles: dict[int, dict[str, int]] = field(default_factory=dict)
+
+
+class BehaviourLog(Protocol):
+    async def append_events(self, events: Sequence[NewEvent]) -> AppendResult:
+        """Append each event whose id the user's log has not seen; the rest are duplicates."""
+        ...
+
+    async def read_events(self, user_id: int, cursor: int) -> EventLog:
+        """Events at log positions ≥ cursor, sorted by timestamp; ``end`` is the log length."""
+        ...
+
+    async def put_profile(self, user_id: int, attributes: Mapping[str, int]) -> None: ...
+
+    async def seed(self, histories: SeedHistories) -> int:
+        """Preload histories of users that have no log yet; returns the users written."""
+        ...
+
+
+class StateCache(Protocol):
+    async def put_state(
+        self, version: str, user_id: int, blob: bytes, cursor: int, ttl_seconds: int
+    ) -> bool:
+        """Store the state unless the cached one already has a cursor ≥ ``cursor``.
+
+        The compare-and-set keeps a slow writer from replacing a newer state with an older one;
+        returns whether this write won.
+        """
+        ...
+
+
+class Store(BehaviourLog, StateCache, Protocol):
+    async def snapshot(self, version: str, user_id: int, ttl_seconds: int) -> UserSnapshot:
+        """The cached state (its TTL refreshed), profile and log length of a user."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreError` unless the store answers."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,63 @@
+"""A store wrapper that times every operation and counts failures, whatever the backend."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+
+from service.metrics import Metrics
+from service.stores.base import AppendResult, NewEvent, SeedHistories, Store, UserSnapshot
+from service.stores.records import EventLog
+
+
+class InstrumentedStore:
+    def __init__(self, inner: Store, metrics: Metrics) -> None:
+        self.inner = inner
+        self.metrics = metrics
+
+    @asynccontextmanager
+    async def _measured(self, operation: str) -> AsyncIterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            self.metrics.store_errors.labels(operation=operation).inc()
+            raise
+        finally:
+            self.metrics.store_duration.labels(operation=operation).observe(
+                time.perf_counter() - started
+            )
+
+    async def append_events(self, events: Sequence[NewEvent]) -> AppendResult:
+        async with self._measured("append_events"):
+            return await self.inner.append_events(events)
+
+    async def read_events(self, user_id: int, cursor: int) -> EventLog:
+        async with self._measured("read_events"):
+            return await self.inner.read_events(user_id, cursor)
+
+    async def put_profile(self, user_id: int, attributes: Mapping[str, int]) -> None:
+        async with self._measured("put_profile"):
+            await self.inner.put_profile(user_id, attributes)
+
+    async def seed(self, histories: SeedHistories) -> int:
+        async with self._measured("seed"):
+            return await self.inner.seed(histories)
+
+    async def put_state(
+        self, version: str, user_id: int, blob: bytes, cursor: int, ttl_seconds: int
+    ) -> bool:
+        async with self._measured("put_state"):
+            return await self.inner.put_state(version, user_id, blob, cursor, ttl_seconds)
+
+    async def snapshot(self, version: str, user_id: int, ttl_seconds: int) -> UserSnapshot:
+        async with self._measured("snapshot"):
+            return await self.inner.snapshot(version, user_id, ttl_seconds)
+
+    async def ping(self) -> None:
+        async with self._measured("ping"):
+            await self.inner.ping()
+
+    async def close(self) -> None:
+        await self.inner.close()

@@ -1,0 +1,173 @@
+"""One contract, two stores: every test runs against the in-process store and a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+import redis as redis_sync
+
+from service.stores.base import NewEvent, SeedHistories, Store
+from service.stores.memory import MemoryStore
+from service.stores.records import pack_records
+from service.stores.redis import RedisStore
+
+pytestmark = pytest.mark.anyio
+TTL = 3600
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    url = request.getfixturevalue("redis_url")
+    prefix = request.getfixturevalue("redis_prefix")
+    store = RedisStore(url, prefix=prefix)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def event(event_id: str, user_id: int, item_id: int, timestamp: float, action: int = 1) -> NewEvent:
+    return NewEvent(event_id, user_id, item_id, action, timestamp)
+
+
+async def test_append_is_idempotent_by_event_id(store: Store) -> None:
+    batch = [event("a", 1, 10, 100.0), event("b", 1, 11, 101.0), event("c", 2, 12, 50.0)]
+    first = await store.append_events(batch)
+    assert (first.accepted, first.duplicates) == (3, 0)
+    again = await store.append_events(batch)
+    assert (again.accepted, again.duplicates) == (0, 3)
+    mixed = await store.append_events([event("a", 1, 99, 1.0), event("d", 1, 13, 102.0)])
+    assert (mixed.accepted, mixed.duplicates) == (1, 1)
+    log = await store.read_events(1, 0)
+    assert log.item_ids.tolist() == [10, 11, 13]  # the duplicate "a" did not replace anything
+    assert log.end == 3
+
+
+async def test_an_id_repeated_inside_one_batch_counts_once(store: Store) -> None:
+    result = await store.append_events([event("x", 5, 1, 1.0), event("x", 5, 2, 2.0)])
+    assert (result.accepted, result.duplicates) == (1, 1)
+    assert (await store.read_events(5, 0)).item_ids.tolist() == [1]
+
+
+async def test_reads_after_a_cursor_come_in_timestamp_order(store: Store) -> None:
+    await store.append_events([event("1", 7, 1, 30.0), event("2", 7, 2, 10.0)])
+    await store.append_events([event("3", 7, 3, 20.0, action=3), event("4", 7, 4, 5.0)])
+    everything = await store.read_events(7, 0)
+    assert everything.item_ids.tolist() == [4, 2, 3, 1]
+    assert everything.timestamps.tolist() == [5.0, 10.0, 20.0, 30.0]
+    assert everything.actions.tolist() == [1, 1, 3, 1]
+    assert everything.end == 4
+    # Positions are arrival order: an old timestamp that arrives late is still "after" a cursor.
+    newer = await store.read_events(7, 2)
+    assert newer.item_ids.tolist() == [4, 3]
+    assert newer.end == 4
+    assert len(await store.read_events(7, 4)) == 0
+    assert len(await store.read_events(404, 0)) == 0
+
+
+async def test_snapshot_reports_log_length_profile_and_state(store: Store) -> None:
+    empty = await store.snapshot("v1", 8, TTL)
+    assert (empty.state, empty.profile, empty.log_length) == (None, {}, 0)
+    await store.append_events([event("a", 8, 1, 1.0), event("b", 8, 2, 2.0)])
+    await store.put_profile(8, {"age_group": 3, "region": 17})
+    await store.put_state("v1", 8, b"state-at-2", 2, TTL)
+    snapshot = await store.snapshot("v1", 8, TTL)
+    assert snapshot.state == b"state-at-2"
+    assert snapshot.profile == {"age_group": 3, "region": 17}
+    assert snapshot.log_length == 2
+
+
+async def test_put_state_is_a_compare_and_set_on_the_cursor(store: Store) -> None:
+    assert await store.put_state("v1", 9, b"at-5", 5, TTL)
+    assert not await store.put_state("v1", 9, b"older", 3, TTL)
+    assert not await store.put_state("v1", 9, b"same", 5, TTL)
+    assert (await store.snapshot("v1", 9, TTL)).state == b"at-5"
+    assert await store.put_state("v1", 9, b"at-8", 8, TTL)
+    assert (await store.snapshot("v1", 9, TTL)).state == b"at-8"
+
+
+async def test_racing_writers_leave_the_newest_cursor(store: Store) -> None:
+    cursors = list(range(1, 41))
+    np.random.default_rng(0).shuffle(cursors)
+    await asyncio.gather(*(store.put_state("v1", 10, f"c{c}".encode(), c, TTL) for c in cursors))
+    assert (await store.snapshot("v1", 10, TTL)).state == b"c40"
+
+
+async def test_states_are_namespaced_by_model_version_and_user(store: Store) -> None:
+    await store.put_state("v1", 11, b"v1-state", 1, TTL)
+    assert (await store.snapshot("v2", 11, TTL)).state is None
+    assert (await store.snapshot("v1", 12, TTL)).state is None
+    assert await store.put_state("v2", 11, b"v2-state", 1, TTL)
+    assert (await store.snapshot("v1", 11, TTL)).state == b"v1-state"
+
+
+@pytest.mark.slow
+async def test_states_expire_after_their_ttl(store: Store) -> None:
+    await store.put_state("v1", 13, b"short-lived", 1, 1)
+    assert (await store.snapshot("v1", 13, 1)).state == b"short-lived"
+    await asyncio.sleep(2.1)
+    assert (await store.snapshot("v1", 13, 1)).state is None
+    # An expired entry no longer blocks an older cursor.
+    assert await store.put_state("v1", 13, b"again", 1, TTL)
+
+
+async def test_seed_writes_users_without_a_log_and_keeps_the_others(store: Store) -> None:
+    await store.append_events([event("live", 21, 99, 1.0)])
+    records = pack_records(
+        np.array([1, 2, 3, 4, 5]), np.array([0, 1, 0, 2, 3]), np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    )
+    histories = SeedHistories(
+        user_ids=np.array([20, 21, 22]),
+        bounds=np.array([0, 2, 3, 5]),
+        records=records,
+        profiles={20: {"gender": 1}, 23: {"gender": 2}},
+    )
+    assert await store.seed(histories) == 2
+    assert (await store.read_events(20, 0)).item_ids.tolist() == [1, 2]
+    assert (await store.read_events(21, 0)).item_ids.tolist() == [99]
+    seeded = await store.read_events(22, 0)
+    assert seeded.item_ids.tolist() == [4, 5]
+    assert seeded.actions.tolist() == [2, 3]
+    assert (await store.snapshot("v", 23, TTL)).profile == {"gender": 2}
+    assert await store.seed(histories) == 0  # a second start changes nothing
+
+
+async def test_ping(store: Store) -> None:
+    await store.ping()
+
+
+@pytest.mark.redis
+async def test_redis_keys_share_the_users_hash_tag(redis_url: str, redis_prefix: str) -> None:
+    store = RedisStore(redis_url, prefix=redis_prefix)
+    try:
+        await store.append_events([event("a", 77, 1, 1.0)])
+        await store.put_profile(77, {"gender": 1})
+        await store.put_state("v9", 77, b"s", 1, TTL)
+    finally:
+        await store.close()
+    client = redis_sync.Redis.from_url(redis_url)
+    keys = sorted(k.decode() for k in client.scan_iter(match=f"{redis_prefix}:*"))
+    assert keys == [
+        f"{redis_prefix}:{{u:77}}:{part}" for part in ("ids", "log", "profile", "state:v9")
+    ]
+    assert 0 < client.ttl(f"{redis_prefix}:{{u:77}}:state:v9") <= TTL
+    client.close()
+
+
+async def test_an_unreachable_redis_raises_store_errors() -> None:
+    from service.stores.base import StoreError
+
+    store = RedisStore("redis://127.0.0.1:1/0", timeout_seconds=0.2)
+    try:
+        with pytest.raises(StoreError):
+            await store.ping()
+        with pytest.raises(StoreError):
+            await store.snapshot("v", 1, TTL)
+    finally:
+        await store.close()
