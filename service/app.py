@@ -104,7 +104,9 @@ async def start(settings: Settings, metrics: Metrics) -> Services:
         executor.shutdown(wait=False)
         raise
     metrics.model_info.labels(version=runtime.version).set(1)
-    ranker = Ranker(runtime, store, metrics, settings.state_ttl_seconds)
+    ranker = Ranker(
+        runtime, store, metrics, settings.state_ttl_seconds, state_cache=settings.state_cache
+    )
     logger.info(
         "serving %s (%s) from %s", runtime.version, settings.program_format, settings.model_dir
     )

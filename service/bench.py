@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.harness import free_port
 from service.app import create_app
 from service.settings import Settings
 from service.stores.base import SeedHistories
@@ -193,12 +193,6 @@ def summarise(requests: list[dict[str, float]]) -> dict[str, Any]:
 
 
 # -- over HTTP --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

@@ -42,12 +42,18 @@ class RankResult:
 
 class Ranker:
     def __init__(
-        self, runtime: ModelRuntime, store: Store, metrics: Metrics, state_ttl_seconds: int
+        self,
+        runtime: ModelRuntime,
+        store: Store,
+        metrics: Metrics,
+        state_ttl_seconds: int,
+        state_cache: bool = True,
     ) -> None:
         self.runtime = runtime
         self.store = store
         self.metrics = metrics
         self.state_ttl_seconds = state_ttl_seconds
+        self.state_cache = state_cache
         self._inflight: dict[int, asyncio.Future[UserState]] = {}
 
     async def rank(
@@ -104,7 +110,7 @@ class Ranker:
         metrics.observe_stage("featurize", featurize_seconds + time.perf_counter() - started)
 
         write_back: asyncio.Task[None] | None = None
-        if outcome != "hit" and state.cursor > 0:
+        if self.state_cache and outcome != "hit" and state.cursor > 0:
             write_back = asyncio.create_task(self._write_back(user_id, state))
         when = time.time() if request_time is None else request_time
         try:
@@ -150,6 +156,10 @@ class Ranker:
         self, user_id: int, snapshot: UserSnapshot
     ) -> tuple[UserState, CacheOutcome]:
         runtime = self.runtime
+        if not self.state_cache:
+            if snapshot.log_length == 0:
+                return runtime.empty_state(), "miss"
+            return await self._encode_history(user_id), "miss"
         state = self._decode(user_id, snapshot.state)
         if state is not None and state.cursor >= snapshot.log_length:
             return state, "hit"

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
         ge=1,
         description="Time to live of a cached user state (refreshed on reads).",
     )
+    state_cache: bool = Field(
+        default=True,
+        description="Cache each user's state and fold new events into it. Off (IFA_STATE_CACHE="
+        "off) recomputes the state from the whole log on every request: the baseline that "
+        "capacity tests compare the cache against.",
+    )
     max_candidates: int = Field(
         default=2000, ge=1, description="Largest candidate set a /rank accepts."
     )

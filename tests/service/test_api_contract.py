@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.service.conftest import (
+from tests.support import (
     CATALOGUE_ITEMS,
     T0,
     events_payload,

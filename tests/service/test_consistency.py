@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from model.artifact import load_artifact
-from tests.service.conftest import T0, events_payload, make_settings, service_client
+from tests.support import T0, events_payload, make_settings, service_client
 
 pytestmark = pytest.mark.anyio
 TOLERANCE = 1e-5
@@ -215,3 +215,20 @@ async def test_concurrent_misses_of_one_user_encode_its_history_once(artifact_di
         assert {r["history_length"] for r in responses} == {30}
         metrics = (await client.get("/metrics")).text
     assert 'ifa_rank_stage_duration_seconds_count{stage="encode"} 1.0' in metrics
+
+
+async def test_with_the_state_cache_off_every_rank_recomputes_the_same_answer(
+    artifact_dir: Path, store_settings: dict[str, Any]
+) -> None:
+    rng = np.random.default_rng(9)
+    user, candidates = 7, [int(c) for c in rng.choice(1100, 30, replace=False)]
+    batch = events_payload(user, 50, rng, start=0)
+    settings = make_settings(artifact_dir, state_cache=False, **store_settings)
+    async with service_client(settings) as client:
+        assert (await client.post("/events", json=batch)).json()["accepted"] == 50
+        bodies = [await rank(client, user, candidates) for _ in range(3)]
+    # Three misses in a row: nothing was written back for the next request to hit.
+    assert [b["state_cache"] for b in bodies] == ["miss", "miss", "miss"]
+    assert all(b["history_length"] == 50 for b in bodies)
+    assert bodies[1]["items"] == bodies[0]["items"] == bodies[2]["items"]
+    assert_matches(bodies[0], from_scratch(artifact_dir, user, batch["events"], candidates))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from service.api.deps import Services
-from tests.service.conftest import make_settings, service_client
+from tests.support import make_settings, service_client
 
 pytestmark = pytest.mark.anyio
 

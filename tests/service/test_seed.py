@@ -13,7 +13,7 @@ import pytest
 from service.api.deps import Services
 from service.seed import load_seed
 from service.stores.memory import MemoryStore
-from tests.service.conftest import T0, make_settings, service_client
+from tests.support import T0, make_settings, service_client
 
 PROFILE_FIELDS = ("user_id", "age_group", "gender", "region")
 

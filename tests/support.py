@@ -1,0 +1,92 @@
+"""Plain helpers shared by tests in several folders: a small exported artefact and the service
+driven in-process. Fixtures live in the conftest files; these are ordinary functions."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from model.catalogue import Catalogue
+from model.checkpoint import Checkpoint
+from model.export import export_artifact
+from model.nets import build_net
+from service.app import create_app
+from service.settings import Settings
+from tests.factories import small_spec
+
+CATALOGUE_ITEMS = 1000
+"""Items 0..999 are in the test catalogue; larger ids are unknown."""
+T0 = 1.7e9
+
+
+def build_artifact(out: Path, time_decay: bool, seed: int = 0) -> Path:
+    """Export an untrained IFA (small spec, torchscript) with a synthetic catalogue."""
+    import torch
+
+    torch.manual_seed(seed)
+    spec = small_spec()
+    net = build_net("ifa", spec, time_decay=time_decay)
+    with torch.no_grad():
+        # An untrained net barely reacts to its input (embeddings of std 0.05), which would let
+        # a wrong fold pass a 1e-5 comparison: make histories matter, and decay fast (a
+        # half-life of about a day), so that a mis-weighted event shows.
+        for module in net.modules():
+            if isinstance(module, torch.nn.Embedding):
+                module.weight.mul_(30.0)
+        decay_logit = net.get_parameter("encoder.decay_logit")
+        decay_logit.fill_(0.0)
+    rng = np.random.default_rng(seed)
+    catalogue = Catalogue(
+        {
+            "item_id": np.arange(CATALOGUE_ITEMS),
+            "category": rng.integers(0, 8, CATALOGUE_ITEMS),
+            "author": rng.integers(0, 50, CATALOGUE_ITEMS),
+        },
+        spec,
+    )
+    export_artifact(Checkpoint("ifa", spec, net), catalogue, out, formats=("torchscript",))
+    return out
+
+
+def make_settings(model_dir: Path, **overrides: Any) -> Settings:
+    return Settings(model_dir=model_dir, **overrides)
+
+
+@asynccontextmanager
+async def service_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """An app with its lifespan running, and a client that calls it in-process."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+            client.app = app  # type: ignore[attr-defined]  # tests read app.state
+            yield client
+
+
+def events_payload(
+    user_id: int,
+    n: int,
+    rng: np.random.Generator,
+    start: int = 0,
+    item_high: int = 1200,
+    spacing: float = 3600.0,
+) -> dict[str, Any]:
+    """n events of one user with ids ``u<user>-e<i>`` at about T0 + i·spacing, i from start."""
+    actions = ["impression", "click", "long_view", "like"]
+    return {
+        "events": [
+            {
+                "event_id": f"u{user_id}-e{start + i}",
+                "user_id": user_id,
+                "item_id": int(rng.integers(0, item_high)),
+                "action": actions[int(rng.integers(0, 4))],
+                "timestamp": T0 + spacing * (start + i) + float(rng.uniform(0, spacing / 2)),
+            }
+            for i in range(n)
+        ]
+    }
