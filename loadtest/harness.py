@@ -1,0 +1,217 @@
+"""Real processes for load runs and end-to-end tests: the service, a Redis server, worlds.
+
+Nothing is mocked: the service runs as ``python -m service`` in its own process (the command
+the README and the Dockerfile use) and is driven over HTTP. Used by :mod:`loadtest.capacity`
+and by the tests that need a live service.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+T0 = 1.7e9
+"""Histories of generated worlds start here (unix seconds, Nov 2023)."""
+
+
+def require_binary(name: str, package: str) -> str:
+    """The path of ``name``, or an assertion error saying how to install it (never a skip)."""
+    path = shutil.which(name)
+    assert path is not None, (
+        f"{name} not found on PATH: install the Debian package {package!r} "
+        f"(apt-get install -y {package}); CI installs it with scripts/install-system-deps.sh"
+    )
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(
+    check: Callable[[], bool],
+    timeout: float,
+    what: str,
+    process: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> None:
+    """Poll ``check`` until it holds; fail early (with the log's tail) if ``process`` exits."""
+
+    def tail() -> str:
+        return log.read_text(errors="replace")[-4000:] if log is not None and log.exists() else ""
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}\n{tail()}")
+        if check():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} not ready after {timeout} s\n{tail()}")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return 200 <= int(response.status) < 300
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def post_json(url: str, body: object, timeout: float = 30) -> object:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL: a graceful stop lets uvicorn run the lifespan shutdown."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+
+
+@contextmanager
+def redis_server(directory: Path) -> Iterator[str]:
+    """A private, non-persistent redis-server on a free port; yields its URL."""
+    binary = require_binary("redis-server", "redis-server")
+    port = free_port()
+    log = directory / "redis.log"
+    process = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(directory), "--logfile", str(log)],
+    )  # fmt: skip
+
+    def pings() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    try:
+        wait_until(pings, 10, "redis-server", process, log)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop(process)
+
+
+@dataclass(frozen=True)
+class LiveService:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+@contextmanager
+def running_service(
+    model_dir: Path,
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 300,
+) -> Iterator[LiveService]:
+    """``python -m service`` on a free port of 127.0.0.1 until ``/readyz`` answers 200.
+
+    ``env`` adds ``IFA_*`` settings; the process is stopped on exit. Start-up includes seeding
+    the store when ``IFA_SEED_WORLD`` is set, hence the generous default timeout.
+    """
+    port = free_port()
+    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
+               "--model-dir", str(model_dir)]  # fmt: skip
+    with log.open("w") as log_file:
+        process = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env=os.environ | dict(env or {}),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: http_ok(f"{url}/readyz"), timeout, "python -m service", process, log)
+        yield LiveService(url, process, log)
+    finally:
+        stop(process)
+
+
+def warm_state_cache(url: str, user_ids: Sequence[int], candidate_ids: Sequence[int]) -> None:
+    """Rank every user once, so that each has a cached state before latency is measured."""
+    for user_id in user_ids:
+        post_json(f"{url}/rank", {"user_id": user_id, "candidate_ids": list(candidate_ids), "k": 1})
+
+
+def write_world(
+    directory: Path,
+    item_ids: np.ndarray,
+    n_users: int,
+    events_per_user: int,
+    seed: int = 0,
+) -> Path:
+    """A load-test world: ``items``, ``users`` and ``events`` parquet in :mod:`model.data`'s layout.
+
+    Every user gets exactly ``events_per_user`` events over the given items (a history of known
+    length, which is what latency depends on), timestamps strictly increasing over ~35 days.
+    Items get random category and author columns; a catalogue of the model, not these, decides
+    what the service knows.
+    """
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    item_ids = np.asarray(item_ids, dtype=np.int64)
+    pq.write_table(
+        pa.table({
+            "item_id": item_ids,
+            "category": rng.integers(0, 8, item_ids.size),
+            "author": rng.integers(0, 50, item_ids.size),
+            "topic": rng.integers(0, 12, item_ids.size),
+        }),
+        directory / "items.parquet",
+    )  # fmt: skip
+    user_ids = np.arange(n_users, dtype=np.int64)
+    pq.write_table(
+        pa.table({
+            "user_id": user_ids,
+            "age_group": rng.integers(0, 8, n_users),
+            "gender": rng.integers(0, 3, n_users),
+            "region": rng.integers(0, 32, n_users),
+        }),
+        directory / "users.parquet",
+    )  # fmt: skip
+    n_events = n_users * events_per_user
+    # Increasing per user: cumulative sums of positive gaps (mean 5 minutes).
+    gaps = rng.exponential(300.0, (n_users, events_per_user)) + 1e-3
+    pq.write_table(
+        pa.table({
+            "user_id": np.repeat(user_ids, events_per_user),
+            "item_id": rng.choice(item_ids, n_events),
+            "action": rng.choice(4, n_events, p=[0.7, 0.2, 0.07, 0.03]).astype(np.int8),
+            "timestamp": T0 + np.cumsum(gaps, axis=1).ravel(),
+        }),
+        directory / "events.parquet",
+    )  # fmt: skip
+    return directory
