@@ -87,6 +87,12 @@ def advance_state(
     return state[0] * factor[..., None, None], state[1] * factor[..., None]
 
 
+def attention_degree(phi_queries: Tensor, z: Tensor) -> Tensor:
+    """φ(q)ᵀz (B, H, M): each query's unnormalised attention mass over all events, i.e. the
+    diagonal of D. phi_queries (B, H, M, dk), z (B, H, dk)."""
+    return torch.einsum("bhmk,bhk->bhm", phi_queries, z)
+
+
 def read_state(
     phi_queries: Tensor, state: tuple[Tensor, Tensor], eps: float = DEFAULT_EPS
 ) -> Tensor:
@@ -97,8 +103,7 @@ def read_state(
     """
     s, z = state
     numerator = torch.einsum("bhmk,bhkv->bhmv", phi_queries, s)
-    degree = torch.einsum("bhmk,bhk->bhm", phi_queries, z)
-    return numerator / (degree[..., None] + eps)
+    return numerator / (attention_degree(phi_queries, z)[..., None] + eps)
 
 
 def explicit_attention(

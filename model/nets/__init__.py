@@ -9,10 +9,24 @@ from torch import nn
 
 from model.features import FeatureSpec
 from model.layers import NetConfig
+from model.nets.avgpool import AvgPool, AvgPoolConfig
+from model.nets.din import DIN, DINConfig
 from model.nets.ifa import IFA, IFAConfig
+from model.nets.sim_hard import SIMHard, SIMHardConfig
+from model.nets.sim_soft import SIMSoft, SIMSoftConfig
+from model.nets.twin import TWIN, IFANoFSMConfig, TWINConfig
 
 NETS: dict[str, tuple[type[nn.Module], type[NetConfig]]] = {
     "ifa": (IFA, IFAConfig),
+    "avgpool": (AvgPool, AvgPoolConfig),
+    "din": (DIN, DINConfig),
+    "sim_hard": (SIMHard, SIMHardConfig),
+    "sim_soft": (SIMSoft, SIMSoftConfig),
+    "twin": (TWIN, TWINConfig),
+    # IFA's ablations (IFA §5.3): FSM replaced by TWIN's two-step attention, then RAM removed
+    # too, which is TWIN itself under its own name.
+    "ifa_no_fsm": (TWIN, IFANoFSMConfig),
+    "ifa_no_fsm_ram": (TWIN, TWINConfig),
 }
 
 

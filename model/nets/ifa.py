@@ -30,6 +30,7 @@ from model.layers import (
 )
 from model.linear_attention import (
     DEFAULT_EPS,
+    attention_degree,
     decay_weights,
     feature_map,
     read_state,
@@ -45,6 +46,8 @@ class IFAConfig(NetConfig):
     """Always True for IFA; the ablation without FSM is a separate network (TWIN + RAM)."""
     time_decay: bool = False
     """Per-head exponential decay of old events, learned; keeps the fold property."""
+    degree_feature: bool = False
+    """Also feed log(1 + φ(q)ᵀz) per head to the towers (see CandidateScorer)."""
     eps: float = DEFAULT_EPS
 
 
@@ -84,18 +87,26 @@ class SequenceEncoder(nn.Module):
 
 
 class CandidateScorer(nn.Module):
-    """User, candidates and a cached state -> logits (B, M, n_objectives)."""
+    """User, candidates and a cached state -> logits (B, M, n_objectives).
+
+    The normalised read D⁻¹φ(Q)S is a weighted *mean* of values, blind to how much of the history
+    is relevant. The degree φ(q)ᵀz that normalises it is that amount — the attention mass of the
+    whole sequence on the candidate — so its log is kept as a feature per head. It comes free with
+    the read, and no top-K sub-sequence can count past K.
+    """
 
     def __init__(self, embeddings: Embeddings, config: IFAConfig):
         super().__init__()
         self.heads = config.heads
         self.feature_map = config.feature_map
         self.eps = config.eps
+        self.degree_feature = config.degree_feature
         self.user_embedding = embeddings.user
         self.item_embedding = embeddings.item
         query_in = embeddings.item.dim + embeddings.user.dim
         self.query = nn.Linear(query_in, config.heads * config.key_dim)
-        self.fsm_out = nn.Linear(config.interest_dim, config.interest_dim)
+        degree_dim = config.heads if config.degree_feature else 0
+        self.fsm_out = nn.Linear(config.interest_dim + degree_dim, config.interest_dim)
         self.head = CandidateHead(
             embeddings.user.dim, embeddings.item.dim, config.interest_dim, config
         )
@@ -108,7 +119,10 @@ class CandidateScorer(nn.Module):
         c = self.item_embedding(candidates)  # (B, M, di)
         q_in = torch.cat([c, u[:, None, :].expand(-1, c.shape[1], -1)], dim=-1)
         queries = feature_map(split_heads(self.query(q_in), self.heads), self.feature_map)
-        interest = self.fsm_out(merge_heads(read_state(queries, (s, z), self.eps)))
+        parts = [merge_heads(read_state(queries, (s, z), self.eps))]
+        if self.degree_feature:
+            parts.append(torch.log1p(attention_degree(queries, z)).transpose(1, 2))  # (B, M, H)
+        interest = self.fsm_out(torch.cat(parts, dim=-1))
         return self.head(u, c, interest, candidate_mask)
 
 
