@@ -9,10 +9,11 @@
 * ``movielens`` — the table2 models and protocol on MovieLens 100K (no ground truth, no oracle).
 
 Each writes ``results/<name>.md``, ``.json`` and ``.png``. Worlds are generated if missing and
-cached under ``data/worlds/<preset>-<seed>/``; runs are cached under ``runs/experiments/`` keyed
-by world, network, seed and protocol, so an experiment re-run (or another experiment needing the
-same runs) trains nothing twice. Runs go through a pool of worker processes, one thread each: on
-a small shared machine, processes keep the cores busier than intra-op threads of one process.
+cached under ``data/worlds/<preset>-<seed>/``; runs are cached under
+``runs/experiments/<world>/<protocol>/<net>-seed<k>/``, so an experiment re-run (or another
+experiment needing the same runs) trains nothing twice. Runs go through a pool of worker
+processes, one thread each: on a small shared machine, processes keep the cores busier than
+intra-op threads of one process.
 """
 
 from __future__ import annotations
@@ -74,6 +75,15 @@ class Protocol:
     net_overrides: tuple[tuple[str, Any], ...] = (("key_dim", 32),)
     """Config fields set for every network alike (NetConfig fields all of them share)."""
     burn_in: int = 0
+
+    @property
+    def tag(self) -> str:
+        """Directory name of this protocol's runs: runs of different protocols never mix."""
+        overrides = "_".join(f"{k}{v}" for k, v in self.net_overrides)
+        return (
+            f"bs{self.batch_size}_lr{self.lr:g}_ep{self.epochs}_hist{self.max_history}_"
+            f"warm{self.warmup:g}_burn{self.burn_in}" + (f"_{overrides}" if overrides else "")
+        )
 
     def settings(self, world: Path, net: str, seed: int, out: Path) -> TrainSettings:
         return TrainSettings(
@@ -178,7 +188,7 @@ def run_grid(
     pending: list[tuple[str, int, TrainSettings]] = []
     for net in sorted({SAME_RUNS.get(n, n) for n in nets}, key=_cost_rank):
         for seed in seeds:
-            out = options.runs / world.name / f"{net}-seed{seed}"
+            out = options.runs / world.name / protocol.tag / f"{net}-seed{seed}"
             settings = protocol.settings(world, net, seed, out)
             cached = out / "metrics.json"
             if cached.is_file() and _matches(json.loads(cached.read_text()), settings):
@@ -463,6 +473,7 @@ def table2(options: Options) -> Report:
             "world": str(world),
             "protocol": asdict(protocol),
             "seeds": list(seeds),
+            "training_seconds": training_seconds(grid),
             "auc": data,
             "ifa_vs_twin": gaps,
             "criterion_met": must,
@@ -518,6 +529,7 @@ def table3(options: Options) -> Report:
             "world": str(world),
             "protocol": asdict(protocol),
             "seeds": list(seeds),
+            "training_seconds": training_seconds(grid),
             "auc": data,
             "steps": steps,
             "paper_order": in_order,
@@ -578,6 +590,7 @@ def history_length(options: Options) -> Report:
             "world": str(world),
             "protocol": asdict(protocol),
             "seeds": list(seeds),
+            "training_seconds": training_seconds(grid),
             "buckets": buckets,
             "edges": first["history_edges"],
             "candidates": counts,
@@ -639,7 +652,7 @@ def _plot_history(
         ax.set_title(o)
         ax.set_xlabel("request history length")
     axes[0].set_ylabel("AUC")
-    axes[-1].legend(fontsize=8)
+    axes[-1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -680,6 +693,7 @@ def movielens(options: Options) -> Report:
             "world": str(world),
             "protocol": asdict(protocol),
             "seeds": list(seeds),
+            "training_seconds": training_seconds(grid),
             "auc": data,
             "ifa_vs_twin": gaps,
             "order": orders,
@@ -687,6 +701,14 @@ def movielens(options: Options) -> Report:
             "runs": _runs_data(grid),
         },
     )
+
+
+def training_seconds(grid: dict[str, dict[int, dict[str, Any]]]) -> dict[str, float]:
+    """Wall time the (distinct) runs behind a report took to train, summed, and their count."""
+    runs = {
+        (SAME_RUNS.get(n, n), s): r["wall_seconds"] for n, rs in grid.items() for s, r in rs.items()
+    }
+    return {"runs": len(runs), "seconds": float(sum(runs.values()))}
 
 
 def _throughputs(nets: Sequence[str], grid: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
@@ -757,7 +779,8 @@ def _mechanisms_table2(stats: dict[str, dict[str, tuple[float, float]]]) -> list
     learned = ("sim_soft", "twin", "ifa")
     if click["sim_hard"] > max(click[n] for n in learned):
         out.append(
-            "SIM_hard beats every model whose relevance is *learned* (SIM_soft, TWIN, IFA). Its "
+            "On click, SIM_hard beats every model whose relevance is *learned* (SIM_soft, TWIN, "
+            "IFA). Its "
             "GSU is a fixed rule on an observable field: from the first batch it hands the ESU "
             "exactly the candidate's category, which in this world carries most of the "
             "candidate's topics (P(topic | category) is a sparse Dirichlet, so a category holds "
@@ -784,9 +807,10 @@ def _mechanisms_table2(stats: dict[str, dict[str, tuple[float, float]]]) -> list
     ]
     if len(near_avg) >= 3:
         out.append(
-            "AvgPooling, DIN, SIM_soft, TWIN and IFA are within about 1pp of each other on click: "
-            "while the attention of the learned models is still close to uniform, each of them "
-            "reads roughly the mean of (a part of) the history, which is what AvgPooling reads."
+            ", ".join(LABELS[n] for n in near_avg)
+            + " are within 1pp of AvgPooling on click, consistent with attention that is still "
+            "close to uniform: each then reads roughly the mean of (a part of) the history, which "
+            "is what AvgPooling reads."
         )
     if imp["ifa"] > imp["twin"] and imp["ifa"] - imp["twin"] > click["ifa"] - click["twin"]:
         out.append(
@@ -895,8 +919,7 @@ def interpret_table3(
             "its latent topic, which both must learn from id embeddings; TWIN's softmax over a "
             "top-50 selection concentrates on the events that look relevant as soon as its "
             "scores separate them, while the elu+1 kernel of linear attention stays close to "
-            "uniform for longer, so IFA's read stays nearer to the mean of the whole history "
-            "(see Table 2: IFA lands next to AvgPooling on the action objectives)."
+            "uniform for longer, so IFA's read stays nearer to the mean of the whole history."
         )
     return "\n\n".join(lines)
 
@@ -1019,7 +1042,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     elapsed = time.perf_counter() - started
     report.data["wall_seconds"] = elapsed
     report.sections.append(
-        f"*Generated by `python -m model.experiment {args.name}` in {elapsed:.0f} s.*"
+        f"*Generated by `python -m model.experiment {' '.join(argv or sys.argv[1:])}` "
+        f"in {elapsed:.0f} s (cached runs are reused, not retrained). The "
+        f"{report.data['training_seconds']['runs']} runs behind it took "
+        f"{report.data['training_seconds']['seconds']:.0f} s of training wall time in all, "
+        f"{options.workers} at a time.*"
     )
     report.write(args.out)
     print("\n\n".join(report.sections[1:3]))
