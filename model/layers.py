@@ -129,7 +129,8 @@ class TargetAttention(nn.Module):
         b, m, _ = queries.shape
         q = self.query(queries).view(b, m, self.heads, self.key_dim)
         k = self.key(keys).view(*keys.shape[:3], self.heads, self.key_dim)
-        return torch.einsum("bmhd,bmkhd->bhmk", q, k.expand(b, m, -1, -1, -1)) / (self.key_dim**0.5)
+        # einsum broadcasts a shared (size-1) candidate axis without copying the keys M times.
+        return torch.einsum("bmhd,bmkhd->bhmk", q, k) / (self.key_dim**0.5)
 
     def forward(self, queries: Tensor, keys: Tensor, key_mask: Tensor) -> Tensor:
         b, m, _ = queries.shape
@@ -138,7 +139,7 @@ class TargetAttention(nn.Module):
         scores = scores.masked_fill(~mask, float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
         v = self.value(keys).view(*keys.shape[:3], self.heads, -1)
-        out = torch.einsum("bhmk,bmkhd->bmhd", weights, v.expand(b, m, -1, -1, -1))
+        out = torch.einsum("bhmk,bmkhd->bmhd", weights, v)
         return out.reshape(b, m, -1)
 
 
