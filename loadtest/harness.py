@@ -135,20 +135,24 @@ def running_service(
     log: Path,
     env: Mapping[str, str] | None = None,
     timeout: float = 300,
+    args: Sequence[str] = (),
 ) -> Iterator[LiveService]:
     """``python -m service`` on a free port of 127.0.0.1 until ``/readyz`` answers 200.
 
-    ``env`` adds ``IFA_*`` settings; the process is stopped on exit. Start-up includes seeding
-    the store when ``IFA_SEED_WORLD`` is set, hence the generous default timeout.
+    ``env`` gives the ``IFA_*`` settings (inherited ``IFA_*`` variables are dropped, so the
+    service runs with what the caller asked for and nothing else) and ``args`` extra command-line
+    flags; the process is stopped on exit. Start-up includes seeding the store when
+    ``IFA_SEED_WORLD`` is set, hence the generous default timeout.
     """
     port = free_port()
     command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
-               "--model-dir", str(model_dir)]  # fmt: skip
+               "--model-dir", str(model_dir), *args]  # fmt: skip
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("IFA_")}
     with log.open("w") as log_file:
         process = subprocess.Popen(
             command,
             cwd=REPO_ROOT,
-            env=os.environ | dict(env or {}),
+            env=inherited | dict(env or {}),
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )

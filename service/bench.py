@@ -23,8 +23,6 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -39,7 +37,7 @@ import numpy as np
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.harness import free_port
+from loadtest.harness import running_service
 from service.app import create_app
 from service.settings import Settings
 from service.stores.base import SeedHistories
@@ -197,38 +195,16 @@ def summarise(requests: list[dict[str, float]]) -> dict[str, Any]:
 
 @contextmanager
 def uvicorn_process(model_dir: Path, settings: dict[str, str]) -> Iterator[str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IFA_")}
-    env.update({f"IFA_{k.upper()}": v for k, v in settings.items()})
-    command = [sys.executable, "-m", "service", "--port", str(port), "--model-dir", str(model_dir)]
-    process = subprocess.Popen(
-        [*command, "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                error = process.stderr.read().decode() if process.stderr else ""
-                raise RuntimeError(f"the service exited with {process.returncode}: {error}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("the service was not ready within 120 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    """The service as a process with ``IFA_<NAME>`` settings; yields its URL."""
+    env = {f"IFA_{k.upper()}": v for k, v in settings.items()}
+    with (
+        tempfile.TemporaryDirectory(prefix="ifa-bench-service-") as scratch,
+        running_service(
+            model_dir, Path(scratch) / "service.log", env, timeout=120,
+            args=["--log-level", "warning"],
+        ) as service,
+    ):  # fmt: skip
+        yield service.url
 
 
 Buckets = dict[str, list[tuple[float, float]]]

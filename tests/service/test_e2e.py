@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,55 +10,25 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.harness import free_port
+from loadtest.harness import running_service
 from tests.support import events_payload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def server(artifact_dir: Path, redis_url: str, redis_prefix: str) -> Iterator[str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IFA_")}
-    env["IFA_STORE"] = "redis"  # settings from the environment and the command line together
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "service",
-            "--port", str(port),
-            "--model-dir", str(artifact_dir),
-            "--redis-url", redis_url,
-            "--redis-prefix", redis_prefix,
-            "--log-level", "warning",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        if process.poll() is not None:
-            output = process.stdout.read().decode() if process.stdout else ""
-            pytest.fail(f"the service exited with {process.returncode}:\n{output}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("the service did not become ready within 60 s")
-        time.sleep(0.2)
-    try:
-        yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+def server(
+    artifact_dir: Path, redis_url: str, redis_prefix: str, tmp_path: Path
+) -> Iterator[str]:
+    # Settings from the environment and the command line together.
+    with running_service(
+        artifact_dir,
+        tmp_path / "service.log",
+        env={"IFA_STORE": "redis"},
+        timeout=60,
+        args=["--redis-url", redis_url, "--redis-prefix", redis_prefix, "--log-level", "warning"],
+    ) as service:
+        yield service.url
 
 
 def test_a_served_process_ranks_ingests_and_reports_metrics(server: str) -> None:
