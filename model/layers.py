@@ -6,6 +6,7 @@ vector; embeddings, the relation-aware module and the ESMM towers are these same
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -293,7 +294,7 @@ class SelectedTargetAttention(TargetAttention):
         return out.reshape(out.shape[0], out.shape[1], -1)
 
 
-class InterestNet(nn.Module):
+class InterestNet(nn.Module, ABC):
     """Skeleton of every baseline: embeddings -> sequence module -> interest -> CandidateHead.
 
     Subclasses implement :meth:`interest`; everything around it (IFA's embeddings, query input,
@@ -311,9 +312,9 @@ class InterestNet(nn.Module):
             self.embeddings.user.dim, self.embeddings.item.dim, config.interest_dim, config
         )
 
+    @abstractmethod
     def interest(self, batch: Batch, user: Tensor, candidates: Tensor, events: Tensor) -> Tensor:
         """user (B, du), candidates (B, M, di), events (B, N, de) -> (B, M, interest_dim)."""
-        raise NotImplementedError
 
     def forward(self, batch: Batch) -> Tensor:
         """Logits (B, M, n_objectives)."""
