@@ -408,8 +408,10 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Model: untrained IFA, `default_spec()`, heads = {config['heads']}, dk = "
         f"{config['key_dim']}, dv = {config['value_dim']}, towers {tuple(config['tower_hidden'])}, "
-        f"feature map {config['feature_map']}, RAM {'on' if config['use_ram'] else 'off'}, "
-        f"time decay {'on' if config['time_decay'] else 'off'}. One request, M = "
+        f"FSM kernel {config['fsm_feature_map']} with the degree feature "
+        f"{'on' if config['degree_feature'] else 'off'}, RAM {'on' if config['use_ram'] else 'off'}"
+        f" (kernel {config['feature_map']}), time decay {'on' if config['time_decay'] else 'off'}"
+        f". One request, M = "
         f"{report['m']} candidates, float32. IFA columns run the eager artefact through "
         "`load_artifact` (as the service does: chunked encoding, input checks); the softmax "
         "baseline is a plain module under `torch.inference_mode`. Times are median / p90 in "

@@ -14,7 +14,13 @@ from torch import Tensor, nn
 
 from model.batch import Batch
 from model.features import OBJECTIVES, PADDING_INDEX, FeatureSpec, Field
-from model.linear_attention import DEFAULT_EPS, feature_map, linear_attention
+from model.linear_attention import (
+    DEFAULT_EPS,
+    attention_degree,
+    feature_map,
+    read_state,
+    state_contribution,
+)
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,12 @@ class NetConfig:
     value_dim: int = 16
     tower_hidden: tuple[int, ...] = (128, 64)
     feature_map: str = "elu"
+    """Kernel φ of RAM's linear self-attention among the candidates (IFA's FSM has its own)."""
     use_ram: bool = True
+    ram_degree: bool = False
+    """RAM also reports log(1 + φ(q)ᵀΣφ(k)) per head: how much of the candidate set each
+    candidate's query finds related (with relu, a count of related rivals). Off by default: on
+    the medium world it made IFA worse (results/design_sweeps.md)."""
 
     @property
     def interest_dim(self) -> int:
@@ -88,7 +99,8 @@ def merge_heads(x: Tensor) -> Tensor:
 class LinearSelfAttention(nn.Module):
     """Multi-head linear self-attention among the candidates (RAM, IFA Eq. 3).
 
-    Padded candidates are masked out of the keys, so they never change a real candidate.
+    Padded candidates are masked out of the keys, so they never change a real candidate. With
+    ``config.ram_degree`` the output ends with each head's log degree (see NetConfig).
     """
 
     def __init__(self, in_dim: int, config: NetConfig):
@@ -98,14 +110,20 @@ class LinearSelfAttention(nn.Module):
         self.query = nn.Linear(in_dim, config.heads * config.key_dim)
         self.key = nn.Linear(in_dim, config.heads * config.key_dim)
         self.value = nn.Linear(in_dim, config.heads * config.value_dim)
-        self.out_dim = config.heads * config.value_dim
+        self.degree = config.ram_degree
+        self.out_dim = config.heads * config.value_dim + (config.heads if self.degree else 0)
         self.eps = DEFAULT_EPS
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         q = feature_map(split_heads(self.query(x), self.heads), self.feature_map)
         k = feature_map(split_heads(self.key(x), self.heads), self.feature_map)
         v = split_heads(self.value(x), self.heads)
-        return merge_heads(linear_attention(q, k, v, mask, eps=self.eps))
+        state = state_contribution(k, v, mask)
+        out = merge_heads(read_state(q, state, self.eps))
+        if not self.degree:
+            return out
+        degree = torch.log1p(attention_degree(q, state[1])).transpose(1, 2)  # (B, M, H)
+        return torch.cat([out, degree], dim=-1)
 
 
 class TargetAttention(nn.Module):

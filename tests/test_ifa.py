@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.batch import collate
+from model.batch import Request, collate
 from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from model.loss import esmm_loss, joint_probabilities
 from model.nets import build_net
@@ -128,3 +128,29 @@ def test_unknown_network_and_config_fields_are_rejected():
         build_net("nope", small_spec())
     with pytest.raises(TypeError, match="no fields"):
         build_net("ifa", small_spec(), heads_count=3)
+
+
+def _with_history_twice(request: Request) -> Request:
+    """The same request with every history event present twice (same times, same order)."""
+    order = np.argsort(np.concatenate([request.event_times, request.event_times]), kind="stable")
+    events = np.concatenate([request.events, request.events])[order]
+    times = np.concatenate([request.event_times, request.event_times])[order]
+    return Request(request.user, request.candidates, events, times, request.request_time)
+
+
+@pytest.mark.parametrize("degree_feature", [False, True], ids=["normalised-read", "degree"])
+def test_only_the_degree_feature_sees_how_much_history_is_related(degree_feature):
+    """The normalised read is a weighted mean: a history with every event twice reads the same.
+    The degree φ(q)ᵀz doubles, so with the feature on the scores must move."""
+    spec = small_spec()
+    torch.manual_seed(0)
+    net = build_net("ifa", spec, degree_feature=degree_feature).eval()
+    (request,), _ = make_batch(spec, [(40, 8)])
+    once = collate([request], len(spec.event_fields), len(spec.item_fields))
+    twice = collate([_with_history_twice(request)], len(spec.event_fields), len(spec.item_fields))
+    with torch.no_grad():
+        a, b = net(once), net(twice)
+    if degree_feature:
+        assert (a - b).abs().max() > 1e-4
+    else:
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -12,6 +12,8 @@ from model.batch import collate
 from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from model.features import RESERVED_ROWS
 from model.layers import (
+    LinearSelfAttention,
+    NetConfig,
     SelectedTargetAttention,
     TargetAttention,
     candidate_queries,
@@ -25,7 +27,10 @@ from model.nets.sim_hard import SIMHard
 from model.nets.twin import TWIN
 from tests.factories import random_request, small_spec
 
-BASELINES = ["avgpool", "din", "sim_hard", "sim_soft", "twin", "ifa_no_fsm", "ifa_no_fsm_ram"]
+BASELINES = [
+    "avgpool", "din", "sim_hard", "sim_soft", "twin",
+    "ifa_no_fsm", "ifa_no_fsm_ram", "ifa_no_degree",
+]  # fmt: skip
 # Small K and L so that the sequences below overflow them and selection really matters.
 SMALL = {"din": {"recent": 7}, "sim_hard": {"top_k": 5}, "sim_soft": {"top_k": 5}}
 SMALL.update({name: {"top_k": 5} for name in ("twin", "ifa_no_fsm", "ifa_no_fsm_ram")})
@@ -179,3 +184,22 @@ def test_selected_attention_equals_target_attention_on_gathered_events():
         queries, events, index[:, :1].expand(-1, m, -1), mask[:, :1].expand(-1, m, -1)
     )
     torch.testing.assert_close(shared, expanded)
+
+
+@pytest.mark.parametrize("ram_degree", [False, True], ids=["normalised-read", "degree"])
+def test_ram_degree_counts_rivals_that_the_normalised_read_averages_away(ram_degree):
+    """A candidate set with every candidate twice: the normalised read of RAM (a weighted mean
+    over the set) is unchanged, while its log degree grows by log((1 + 2d) / (1 + d))."""
+    torch.manual_seed(0)
+    ram = LinearSelfAttention(12, NetConfig(ram_degree=ram_degree))
+    x = torch.randn(1, 7, 12)
+    mask = torch.ones(1, 7, dtype=torch.bool)
+    with torch.no_grad():
+        once = ram(x, mask)
+        twice = ram(torch.cat([x, x], dim=1), torch.cat([mask, mask], dim=1))[:, :7]
+    read = NetConfig().interest_dim
+    torch.testing.assert_close(twice[..., :read], once[..., :read], atol=1e-5, rtol=1e-5)
+    assert once.shape[-1] == read + (NetConfig().heads if ram_degree else 0)
+    if ram_degree:
+        d = torch.expm1(once[..., read:])
+        torch.testing.assert_close(twice[..., read:], torch.log1p(2 * d), atol=1e-5, rtol=1e-5)

@@ -11,7 +11,7 @@ from model.features import FeatureSpec
 from model.layers import NetConfig
 from model.nets.avgpool import AvgPool, AvgPoolConfig
 from model.nets.din import DIN, DINConfig
-from model.nets.ifa import IFA, IFAConfig
+from model.nets.ifa import IFA, IFAConfig, IFANoDegreeConfig
 from model.nets.sim_hard import SIMHard, SIMHardConfig
 from model.nets.sim_soft import SIMSoft, SIMSoftConfig
 from model.nets.twin import TWIN, IFANoFSMConfig, TWINConfig
@@ -27,14 +27,16 @@ NETS: dict[str, tuple[type[nn.Module], type[NetConfig]]] = {
     # too, which is TWIN itself under its own name.
     "ifa_no_fsm": (TWIN, IFANoFSMConfig),
     "ifa_no_fsm_ram": (TWIN, TWINConfig),
+    # Not in the paper: IFA without the degree feature, i.e. the normalised read of Eq. 6 alone.
+    "ifa_no_degree": (IFA, IFANoDegreeConfig),
 }
 
 
-def build_net(name: str, spec: FeatureSpec, **overrides: Any) -> nn.Module:
-    """A network by registry name; ``overrides`` replace fields of its default config."""
+def net_config(name: str, **overrides: Any) -> NetConfig:
+    """The config of network ``name``: its defaults with ``overrides`` replacing fields."""
     if name not in NETS:
         raise KeyError(f"unknown network {name!r}; expected one of {sorted(NETS)}")
-    net_class, config_class = NETS[name]
+    config_class = NETS[name][1]
     known = {f.name for f in fields(config_class)}
     unknown = set(overrides) - known
     if unknown:
@@ -43,8 +45,13 @@ def build_net(name: str, spec: FeatureSpec, **overrides: Any) -> nn.Module:
     values: dict[str, Any] = {
         k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()
     }
-    config = config_class(**values)
-    return net_class(spec, config)
+    return config_class(**values)
+
+
+def build_net(name: str, spec: FeatureSpec, **overrides: Any) -> nn.Module:
+    """A network by registry name; ``overrides`` replace fields of its default config."""
+    config = net_config(name, **overrides)
+    return NETS[name][0](spec, config)
 
 
 def config_of(net: nn.Module) -> dict[str, Any]:

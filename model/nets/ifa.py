@@ -44,11 +44,23 @@ SECONDS_PER_DAY = 86400.0
 class IFAConfig(NetConfig):
     use_fsm: bool = True
     """Always True for IFA; the ablation without FSM is a separate network (TWIN + RAM)."""
+    fsm_feature_map: str = "relu"
+    """Kernel φ of FSM's cross attention. relu can be exactly zero, so φ(q)ᵀφ(k) vanishes
+    between unrelated items and the degree φ(q)ᵀz counts only the events that matter to q;
+    elu+1 and softplus are > 0 everywhere, so with them every event adds to every degree."""
     time_decay: bool = False
     """Per-head exponential decay of old events, learned; keeps the fold property."""
-    degree_feature: bool = False
-    """Also feed log(1 + φ(q)ᵀz) per head to the towers (see CandidateScorer)."""
+    degree_feature: bool = True
+    """Also feed log(1 + φ(q)ᵀz) per head to the towers (see CandidateScorer). False leaves
+    only the normalised read of the paper's Eq. 6 (the ``ifa_no_degree`` ablation)."""
     eps: float = DEFAULT_EPS
+
+
+@dataclass(frozen=True)
+class IFANoDegreeConfig(IFAConfig):
+    """IFA reading only the normalised attention (the paper's Eq. 6), without the degree."""
+
+    degree_feature: bool = False
 
 
 class SequenceEncoder(nn.Module):
@@ -57,7 +69,7 @@ class SequenceEncoder(nn.Module):
     def __init__(self, event_embedding: FieldEmbedding, config: IFAConfig):
         super().__init__()
         self.heads = config.heads
-        self.feature_map = config.feature_map
+        self.feature_map = config.fsm_feature_map
         self.time_decay = config.time_decay
         self.event_embedding = event_embedding
         self.key = nn.Linear(event_embedding.dim, config.heads * config.key_dim)
@@ -92,13 +104,15 @@ class CandidateScorer(nn.Module):
     The normalised read D⁻¹φ(Q)S is a weighted *mean* of values, blind to how much of the history
     is relevant. The degree φ(q)ᵀz that normalises it is that amount — the attention mass of the
     whole sequence on the candidate — so its log is kept as a feature per head. It comes free with
-    the read, and no top-K sub-sequence can count past K.
+    the read, and no top-K sub-sequence can count past K (a softmax over K events reports shares,
+    never counts). With a kernel that can be zero (relu) the degree counts only the events the
+    head finds related to the candidate; with elu+1 it mostly counts the whole history.
     """
 
     def __init__(self, embeddings: Embeddings, config: IFAConfig):
         super().__init__()
         self.heads = config.heads
-        self.feature_map = config.feature_map
+        self.feature_map = config.fsm_feature_map
         self.eps = config.eps
         self.degree_feature = config.degree_feature
         self.user_embedding = embeddings.user

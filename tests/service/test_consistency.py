@@ -138,7 +138,7 @@ async def test_the_history_moves_scores_far_beyond_the_tolerance(model_dir: Path
         recent = events_payload(user, 20, rng, start=500)
         await client.post("/events", json=recent)
         after = await rank(client, user, candidates)
-        old = events_payload(user, 20, rng, start=460)  # arrive late, a day or two older
+        old = events_payload(user, 40, rng, start=460)  # arrive late, a day or two older
         await client.post("/events", json=old)
         after_old = await rank(client, user, candidates)
 
