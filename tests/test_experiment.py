@@ -1,0 +1,34 @@
+"""The experiment runner's cache: a run is reused only if it was trained exactly as asked."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from model.experiment import _matches
+from model.nets import net_config
+from model.train import TrainSettings
+
+
+def _metrics_of(settings: TrainSettings) -> dict:
+    """What a run writes to metrics.json about how it was trained (as plain JSON)."""
+    config = asdict(net_config(settings.net, **settings.net_overrides))
+    return json.loads(json.dumps({"settings": asdict(settings), "config": config}, default=str))
+
+
+def test_a_cached_run_matches_the_settings_and_config_it_was_trained_with():
+    settings = TrainSettings(Path("w"), net="ifa", net_overrides={"key_dim": 32})
+    assert _matches(_metrics_of(settings), settings)
+
+
+def test_a_cached_run_with_other_settings_is_retrained():
+    settings = TrainSettings(Path("w"), net="ifa", net_overrides={"key_dim": 32})
+    assert not _matches(_metrics_of(replace(settings, lr=0.5)), settings)
+
+
+def test_a_cached_run_from_before_a_config_default_changed_is_retrained():
+    settings = TrainSettings(Path("w"), net="ifa", net_overrides={"key_dim": 32})
+    stale = _metrics_of(settings)
+    stale["config"]["degree_feature"] = not stale["config"]["degree_feature"]
+    assert not _matches(stale, settings)
