@@ -136,10 +136,12 @@ def test_smoke_run_passes_its_thresholds(
     live_service: LiveService, live_world: Path, tmp_path: Path
 ) -> None:
     prefix = tmp_path / "smoke"
+    # The latency bound is loose on purpose: this checks the threshold machinery end to end on a
+    # shared CI machine; the 50 ms budget itself is measured by loadtest.capacity, not asserted.
     result = run_loadtest(
         "--host", live_service.url, "--smoke", "--run-time", "10s",
         "--world", str(live_world), "--csv-prefix", str(prefix),
-        "--max-p99-ms", "50", "--max-failure-ratio", "0.0",
+        "--max-p99-ms", "1000", "--max-failure-ratio", "0.0",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASSED" in result.stdout
