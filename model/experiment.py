@@ -995,7 +995,10 @@ def interpret_history(
         return ", ".join(_pp(g) for g, _ in values[o])
 
     fsm_click = [g for g, _ in fsm_gains["click"]]
-    grows = fsm_click[-1] > fsm_click[0] + 0.002
+    # "Grows" needs a steady rise, not one low first bucket: the gain must track the bucket order
+    # and rise by more than half a point from the shortest to the longest histories.
+    trend = float(np.corrcoef(np.arange(len(fsm_click)), fsm_click)[0, 1])
+    grows = trend > 0.8 and fsm_click[-1] > fsm_click[0] + 0.005
     text = [
         "**Interpretation.**",
         f"IFA − TWIN by bucket, click: {listed(gains, 'click')}; impression: "
