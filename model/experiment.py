@@ -127,6 +127,10 @@ class Options:
     def suffix(self) -> str:
         return f"_burnin{self.burn_in}" if self.burn_in else ""
 
+    def synthetic_world(self) -> Path:
+        """The preset's world of seed 0, generated first if missing."""
+        return ensure_world(self.preset, 0, self.worlds)
+
     def protocol(self, base: Protocol) -> Protocol:
         return replace(base, warmup=0.5, burn_in=self.burn_in) if self.burn_in else base
 
@@ -432,11 +436,40 @@ def setup_text(world: Path, protocol: Protocol, seeds: Sequence[int], workers: i
     )
 
 
+@dataclass(frozen=True)
+class Trained:
+    """The runs an experiment reports on, and where and how they were trained."""
+
+    world: Path
+    protocol: Protocol
+    seeds: tuple[int, ...]
+    workers: int
+    grid: dict[str, dict[int, dict[str, Any]]]
+
+    def setup(self) -> str:
+        return setup_text(self.world, self.protocol, self.seeds, self.workers)
+
+    def header(self, experiment: str) -> dict[str, Any]:
+        """The JSON fields every report starts with."""
+        return {
+            "experiment": experiment,
+            "world": str(self.world),
+            "protocol": asdict(self.protocol),
+            "seeds": list(self.seeds),
+            "training_seconds": training_seconds(self.grid),
+        }
+
+
+def train_nets(options: Options, world: Path, base: Protocol, nets: Sequence[str]) -> Trained:
+    """Every (net, seed) run of an experiment on ``world``, trained or taken from the cache."""
+    protocol = options.protocol(base)
+    grid = run_grid(options, world, nets, options.seeds, protocol, options.workers)
+    return Trained(world, protocol, options.seeds, options.workers, grid)
+
+
 def table2(options: Options) -> Report:
-    seeds, workers, out = options.seeds, options.workers, options.out
-    protocol = options.protocol(SYNTHETIC)
-    world = ensure_world(options.preset, 0, options.worlds)
-    grid = run_grid(options, world, TABLE2_NETS, seeds, protocol, workers)
+    trained = train_nets(options, options.synthetic_world(), SYNTHETIC, TABLE2_NETS)
+    grid, out = trained.grid, options.out
     table, data = auc_table(TABLE2_NETS, grid, oracle=True)
     gaps = {o: paired_gap(grid, "ifa", "twin", o) for o in OBJECTIVES}
     must = all(gaps[o]["gap"] > 2 * gaps[o]["seed_std"] for o in ("impression", "click"))
@@ -466,7 +499,7 @@ def table2(options: Options) -> Report:
         f"table2{options.suffix}",
         f"Table 2 on the synthetic {options.preset} world",
         [
-            setup_text(world, protocol, seeds, workers),
+            trained.setup(),
             table,
             "**Second half of the stream only** (the same runs, requests after the midpoint):\n\n"
             + auc_table(TABLE2_NETS, grid, oracle=False, key="auc_second_half")[0],
@@ -474,15 +507,11 @@ def table2(options: Options) -> Report:
             "backward, update — mean over seeds):\n\n" + throughput_table(TABLE2_NETS, grid),
             check,
             ranking,
-            interpret_table2(grid, gaps, orders, protocol),
-            world_statistics(world, protocol.max_history),
+            interpret_table2(grid, gaps, orders, trained.protocol),
+            world_statistics(trained.world, trained.protocol.max_history),
         ],
         {
-            "experiment": "table2",
-            "world": str(world),
-            "protocol": asdict(protocol),
-            "seeds": list(seeds),
-            "training_seconds": training_seconds(grid),
+            **trained.header("table2"),
             "auc": data,
             "ifa_vs_twin": gaps,
             "criterion_met": must,
@@ -494,10 +523,8 @@ def table2(options: Options) -> Report:
 
 
 def table3(options: Options) -> Report:
-    seeds, workers, out = options.seeds, options.workers, options.out
-    protocol = options.protocol(SYNTHETIC)
-    world = ensure_world(options.preset, 0, options.worlds)
-    grid = run_grid(options, world, TABLE3_NETS, seeds, protocol, workers)
+    trained = train_nets(options, options.synthetic_world(), SYNTHETIC, TABLE3_NETS)
+    grid, out = trained.grid, options.out
     table, data = auc_table(TABLE3_NETS, grid, oracle=True)
     steps = {
         "fsm": {o: paired_gap(grid, "ifa", "ifa_no_fsm", o) for o in OBJECTIVES},
@@ -528,7 +555,7 @@ def table3(options: Options) -> Report:
         f"table3{options.suffix}",
         f"Table 3 (ablations) on the synthetic {options.preset} world",
         [
-            setup_text(world, protocol, seeds, workers)
+            trained.setup()
             + " IFA-FSM-RAM is TWIN (same class and config), so its runs are the TWIN runs of "
             "table2, as in the paper. IFA-degree is not in the paper: IFA whose towers get only "
             "the normalised read D⁻¹φ(Q)S of Eq. 6, without the degree φ(q)ᵀz.",
@@ -538,11 +565,7 @@ def table3(options: Options) -> Report:
             interpret_table3(steps, in_order),
         ],
         {
-            "experiment": "table3",
-            "world": str(world),
-            "protocol": asdict(protocol),
-            "seeds": list(seeds),
-            "training_seconds": training_seconds(grid),
+            **trained.header("table3"),
             "auc": data,
             "steps": steps,
             "paper_order": in_order,
@@ -552,10 +575,8 @@ def table3(options: Options) -> Report:
 
 
 def history_length(options: Options) -> Report:
-    seeds, workers, out = options.seeds, options.workers, options.out
-    protocol = options.protocol(SYNTHETIC)
-    world = ensure_world(options.preset, 0, options.worlds)
-    grid = run_grid(options, world, HISTORY_NETS, seeds, protocol, workers)
+    trained = train_nets(options, options.synthetic_world(), SYNTHETIC, HISTORY_NETS)
+    grid, out = trained.grid, options.out
     first = next(iter(grid["ifa"].values()))
     buckets = [_bucket_label(b["lo"], b["hi"]) for b in first["auc_by_history"]]
     counts = [int(b["count"]) for b in first["auc_by_history"]]
@@ -572,7 +593,7 @@ def history_length(options: Options) -> Report:
     gains = _bucket_gaps(grid, "ifa", "twin", len(buckets))
     fsm_gains = _bucket_gaps(grid, "ifa", "ifa_no_fsm", len(buckets))
     sections = [
-        setup_text(world, protocol, seeds, workers)
+        trained.setup()
         + " Buckets are the quintiles of request history length in the world (the length before "
         "max_history truncation); each bucket's AUC is over the candidates of its requests.",
     ]
@@ -599,11 +620,7 @@ def history_length(options: Options) -> Report:
         f"AUC against history length: IFA vs TWIN-style sampling ({options.preset} world)",
         sections,
         {
-            "experiment": "history_length",
-            "world": str(world),
-            "protocol": asdict(protocol),
-            "seeds": list(seeds),
-            "training_seconds": training_seconds(grid),
+            **trained.header("history_length"),
             "buckets": buckets,
             "edges": first["history_edges"],
             "candidates": counts,
@@ -672,22 +689,21 @@ def _plot_history(
 
 
 def movielens(options: Options) -> Report:
-    seeds, workers, out = options.seeds, options.workers, options.out
-    protocol = options.protocol(MOVIELENS)
-    world = ensure_movielens(options.worlds)
-    grid = run_grid(options, world, TABLE2_NETS, seeds, protocol, workers)
+    trained = train_nets(options, ensure_movielens(options.worlds), MOVIELENS, TABLE2_NETS)
+    grid, out = trained.grid, options.out
     table, data = auc_table(TABLE2_NETS, grid, oracle=False)
     gaps = {o: paired_gap(grid, "ifa", "twin", o) for o in OBJECTIVES}
     orders = {o: ordering(TABLE2_NETS, grid, o) for o in OBJECTIVES}
     plot_auc_bars(
         TABLE2_NETS, grid, out / f"movielens{options.suffix}.png", "MovieLens 100K", False
     )
+    world = trained.world
     meta = json.loads((world / "world.json").read_text())
     return Report(
         f"movielens{options.suffix}",
         "Table 2 models on MovieLens 100K",
         [
-            setup_text(world, protocol, seeds, workers).replace(
+            trained.setup().replace(
                 f"World `{world}` ({meta.get('preset', world.name)}",
                 f"World `{world}` (MovieLens 100K",
             )
@@ -702,11 +718,7 @@ def movielens(options: Options) -> Report:
             interpret_movielens(grid, gaps, orders),
         ],
         {
-            "experiment": "movielens",
-            "world": str(world),
-            "protocol": asdict(protocol),
-            "seeds": list(seeds),
-            "training_seconds": training_seconds(grid),
+            **trained.header("movielens"),
             "auc": data,
             "ifa_vs_twin": gaps,
             "order": orders,
