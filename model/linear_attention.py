@@ -122,14 +122,3 @@ def explicit_attention(
     scores = scores * w
     return scores @ values / (scores.sum(dim=-1, keepdim=True) + eps)
 
-
-def linear_attention(
-    phi_queries: Tensor,
-    phi_keys: Tensor,
-    values: Tensor,
-    mask: Tensor,
-    weights: Tensor | None = None,
-    eps: float = DEFAULT_EPS,
-) -> Tensor:
-    """The same result as :func:`explicit_attention` in O((M+N)·dk·dv)."""
-    return read_state(phi_queries, state_contribution(phi_keys, values, mask, weights), eps)

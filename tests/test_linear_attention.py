@@ -15,7 +15,6 @@ from model.linear_attention import (
     feature_map,
     fold_in,
     fold_out,
-    linear_attention,
     read_state,
     state_contribution,
 )
@@ -52,7 +51,7 @@ def random_inputs(seed: int, b: int, h: int, m: int, n: int, dk: int, dv: int, n
 )
 def test_state_read_equals_explicit_attention(seed, b, h, m, n, dk, dv, name):
     q, k, v, mask = random_inputs(seed, b, h, m, n, dk, dv, name)
-    fast = linear_attention(q, k, v, mask)
+    fast = read_state(q, state_contribution(k, v, mask))
     slow = explicit_attention(q, k, v, mask)
     assert torch.isfinite(fast).all()
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
@@ -62,7 +61,10 @@ def test_float32_read_matches_explicit_at_serving_sizes():
     q, k, v, mask = random_inputs(0, 2, 4, 300, 2000, 16, 16)
     q, k, v = q.float(), k.float(), v.float()
     torch.testing.assert_close(
-        linear_attention(q, k, v, mask), explicit_attention(q, k, v, mask), atol=1e-5, rtol=1e-4
+        read_state(q, state_contribution(k, v, mask)),
+        explicit_attention(q, k, v, mask),
+        atol=1e-5,
+        rtol=1e-4,
     )
 
 
@@ -70,11 +72,11 @@ def test_float32_read_matches_explicit_at_serving_sizes():
 def test_empty_history_reads_finite_zeros(name):
     q, k, v, _ = random_inputs(1, 2, 2, 5, 0, 4, 3, name)
     empty = torch.zeros(2, 0, dtype=torch.bool)
-    out = linear_attention(q, k, v, empty)
+    out = read_state(q, state_contribution(k, v, empty))
     assert torch.isfinite(out).all() and (out == 0).all()
     q, k, v, _ = random_inputs(1, 2, 2, 5, 7, 4, 3, name)
     all_padding = torch.zeros(2, 7, dtype=torch.bool)
-    out = linear_attention(q, k, v, all_padding)
+    out = read_state(q, state_contribution(k, v, all_padding))
     assert torch.isfinite(out).all() and (out == 0).all()
 
 
