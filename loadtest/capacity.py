@@ -1,23 +1,27 @@
-"""Capacity curve of one service process: latency vs offered load, state cache on and off.
+"""Capacity of the service: latency against offered load, measured open-loop, per configuration.
 
-    python -m loadtest.capacity [--model-dir artifacts] [--users 200] [--events-per-user 10000]
+    python -m loadtest.capacity [--model-dir artifacts] [--configs baseline,defaults]
+        [--users 100] [--events-per-user 10000] [--step-seconds 20] [--no-locust]
 
 On this machine, bounded in time, all traffic to 127.0.0.1:
 
 1. a world of ``--users`` users with exactly ``--events-per-user`` events each over the model's
    catalogue is written and seeded (``IFA_SEED_WORLD``) into a private ``redis-server``;
-2. ``python -m service`` (one uvicorn worker, Redis store) starts; every user is ranked once so
-   that the state cache is warm;
-3. Locust offers increasing constant-throughput load (``--rates`` requests/s, a 4:1 /rank:/events
-   mix, ``--candidates`` per /rank) for ``--step-seconds`` each, until p99 passes the budget (or
-   a request fails) on ``--max-failing-steps`` consecutive steps;
-4. the same with the state cache disabled, so that every /rank encodes the whole history.
+2. for each configuration (:data:`CONFIGS`: today's single worker, the new defaults, ...)
+   ``python -m service`` starts on the Redis store with its arrival log on, and every user is
+   ranked once so that the state cache is warm;
+3. each step offers one rate of a 4:1 /rank:/events mix (``--candidates`` per /rank) with the
+   schedule-driven generator of :mod:`loadtest.openloop`: Poisson arrival times fixed in
+   advance, latency from the intended send (wrk2's rule). The service's arrival log checks that
+   what arrived was what was offered (the most arrivals in 20 ms against a Poisson stream's), and
+   the generator's own lag and CPU share say whether it, not the service, was the limit;
+4. the same rate is then offered by Locust (``loadtest/locustfile.py`` as shipped), so the table
+   shows what a Locust user would conclude from the same step, and its arrivals are checked too.
 
-Writes ``<out>.md``, ``<out>.json`` and ``<out>.png`` (default ``results/capacity``); per-step
-Locust CSVs go to ``runs/capacity/``. Locust runs as a subprocess (:mod:`loadtest.runner`).
-
-"Cache off" is the service's ``IFA_STATE_CACHE=off``: every /rank encodes the user's whole log.
-The measured miss share is reported beside each step, so the mode is verified, not assumed.
+A step passes when /rank and /events p99 are within the budget and nothing failed; a
+configuration's capacity is its highest passing offered rate. Writes ``<out>.md``,
+``<out>.json`` and ``<out>.png`` (default ``results/capacity``); per-step Locust CSVs and the
+service logs go to ``--work-dir``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -37,6 +40,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pyarrow.parquet as pq
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -48,16 +52,67 @@ from loadtest.harness import (
     warm_state_cache,
     write_world,
 )
+from loadtest.openloop import (
+    ArrivalCheck,
+    PreparedRequest,
+    RunResult,
+    check_arrivals,
+    poisson_schedule,
+    prepare_post,
+    read_arrivals,
+    run_open_loop,
+)
 from loadtest.runner import LoadOptions, check, run_locust
-from loadtest.traffic import TrafficConfig
+from loadtest.traffic import Traffic, TrafficConfig, load_ids
 
 BUDGET_MS = 50.0
-DEFAULT_RATES = (2, 5, 10, 20, 30, 45, 60, 80, 100, 130, 160, 200)
-CACHE_MODES = ("on", "off")
-USER_RPS = 2.0
-"""Tasks/s of one Locust user: offered load = users × USER_RPS, so many users keep each one's
-slack (500 ms) far above any latency that matters."""
 REDIS_PREFIX = "ifa"
+LOCUST_USER_RPS = 2.0
+"""Tasks/s of one Locust user: offered load = users × this, so each user's slack (500 ms) stays
+far above any latency that matters."""
+GENERATOR_LAG_LIMIT_MS = 5.0
+"""A step whose generator sent its p99 request later than this was limited by the generator."""
+GENERATOR_CPU_LIMIT = 0.8
+"""... or whose generator kept a core this busy."""
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    description: str
+    env: dict[str, str]
+    rates: tuple[float, ...]
+
+
+CONFIGS: dict[str, Config] = {
+    c.name: c
+    for c in (
+        Config(
+            "baseline",
+            "the configuration before the capacity work: 1 worker, fp32, TorchScript",
+            {"IFA_WORKERS": "1", "IFA_PROGRAM_FORMAT": "torchscript", "IFA_PRECISION": "fp32"},
+            (40, 80, 100, 120, 140, 160),
+        ),
+        Config(
+            "defaults",
+            "the service's defaults: one worker per CPU, program format auto, fp32",
+            {},
+            (100, 150, 200, 225, 250, 275, 300, 350),
+        ),
+        Config(
+            "bf16",
+            "the defaults with precision bf16 (TorchScript under bfloat16 autocast)",
+            {"IFA_PRECISION": "bf16"},
+            (100, 150, 200, 250, 300),
+        ),
+        Config(
+            "cache-off",
+            "the defaults with the state cache off: every /rank encodes the whole history",
+            {"IFA_STATE_CACHE": "off"},
+            (5, 10, 15, 20, 30, 40),
+        ),
+    )
+}
 
 
 # -- server-side view: /metrics deltas over a step ------------------------------------------
@@ -174,124 +229,247 @@ def scheduler_seconds(pid: int) -> tuple[float, float]:
     return on_cpu / 1e9, waiting / 1e9
 
 
-# -- one step, one curve ----------------------------------------------------------------------
+# -- one step ------------------------------------------------------------------------------------
+
+
+def percentile_ms(values: Sequence[float], q: float) -> float:
+    return 1000 * float(np.percentile(values, q)) if len(values) else math.nan
+
+
+def prepare_requests(
+    traffic: Traffic, url: str, count: int, rng: np.random.Generator
+) -> list[PreparedRequest]:
+    """``count`` serialised requests in the configured /rank:/events mix, drawn in order."""
+    config = traffic.config
+    share = config.rank_weight / (config.rank_weight + config.events_weight)
+    requests = []
+    for is_rank in (rng.random(count) < share).tolist():
+        if is_rank:
+            body = traffic.rank_body()
+            requests.append(
+                prepare_post(url, "/rank", orjson.dumps(body), traffic.expected_items(body))
+            )
+        else:
+            requests.append(prepare_post(url, "/events", orjson.dumps(traffic.events_body())))
+    return requests
 
 
 @dataclass(frozen=True)
-class Step:
+class OpenLoopStep:
     offered_rps: float
-    users: int
     achieved_rps: float
-    rank_rps: float
-    rank_p50_ms: float
-    rank_p95_ms: float
-    rank_p99_ms: float
-    events_p99_ms: float
-    failures: int
     requests: int
-    passed: bool
-    violations: list[str]
+    failures: int
+    rank_p50_ms: float
+    rank_p99_ms: float
+    rank_p999_ms: float
+    events_p99_ms: float
+    generator_lag_p99_ms: float
+    generator_cpu_percent: float
+    connections: int
+    arrivals: ArrivalCheck
     server: ServerView
     load_average: float
-    """1-minute load average at the end of the step (the machine is shared)."""
+
+    @property
+    def generator_limited(self) -> bool:
+        return (
+            self.generator_lag_p99_ms > GENERATOR_LAG_LIMIT_MS
+            or self.generator_cpu_percent > 100 * GENERATOR_CPU_LIMIT
+        )
+
+    @property
+    def violations(self) -> list[str]:
+        found = []
+        if self.failures:
+            found.append(f"{self.failures} failed")
+        for name, value in (("/rank", self.rank_p99_ms), ("/events", self.events_p99_ms)):
+            if not value <= BUDGET_MS:
+                found.append(f"{name} p99 {value:.0f} ms")
+        return found
+
+    @property
+    def passed(self) -> bool:
+        return not self.violations
 
 
-def run_step(
-    service: LiveService, rate: float, seconds: int, traffic: TrafficConfig, prefix: Path
-) -> Step:
-    users = max(1, math.ceil(rate / USER_RPS))
-    options = LoadOptions(
-        host=service.url,
-        users=users,
-        spawn_rate=users,
-        run_time_s=seconds,
-        csv_prefix=prefix,
-        traffic=replace(traffic, user_rps=rate / users),
-        reset_stats=True,
-    )
+def run_open_loop_step(
+    service: LiveService,
+    arrival_dir: Path,
+    traffic: Traffic,
+    rate: float,
+    seconds: float,
+    rng: np.random.Generator,
+) -> OpenLoopStep:
+    schedule = poisson_schedule(rate, seconds, rng)
+    requests = prepare_requests(traffic, service.url, len(schedule), rng)
     pid = service.process.pid
-    before, (cpu_before, wait_before) = scrape(service.url), scheduler_seconds(pid)
-    wall_before = time.monotonic()
-    summary = check(run_locust(options), BUDGET_MS, 0.0)
-    after, (cpu_after, wait_after) = scrape(service.url), scheduler_seconds(pid)
-    wall_after = time.monotonic()
-    groups = {g.name: g for g in summary.groups}
-    rank, events = groups.get("/rank"), groups.get("/events")
-    return Step(
+    before, (cpu_before, wait_before) = scrape(service.url), process_tree_seconds(pid)
+    run: RunResult = run_open_loop(service.url, schedule, requests)
+    after, (cpu_after, wait_after) = scrape(service.url), process_tree_seconds(pid)
+    observed = read_arrivals(
+        arrival_dir, run.started_unix - 0.05, run.started_unix + run.wall_seconds + 0.05
+    )
+    ranks = [o.latency for o in run.outcomes if o.route == "/rank"]
+    posts = [o.latency for o in run.outcomes if o.route == "/events"]
+    return OpenLoopStep(
         offered_rps=rate,
-        users=users,
-        achieved_rps=summary.aggregated.requests_per_s,
-        rank_rps=rank.requests_per_s if rank else 0.0,
-        rank_p50_ms=rank.p50_ms if rank else math.nan,
-        rank_p95_ms=rank.p95_ms if rank else math.nan,
-        rank_p99_ms=rank.p99_ms if rank else math.nan,
-        events_p99_ms=events.p99_ms if events else math.nan,
-        failures=summary.aggregated.failures,
-        requests=summary.aggregated.requests,
-        passed=summary.passed,
-        violations=summary.violations,
+        achieved_rps=sum(o.ok for o in run.outcomes) / run.wall_seconds,
+        requests=len(run.outcomes),
+        failures=sum(not o.ok for o in run.outcomes),
+        rank_p50_ms=percentile_ms(ranks, 50),
+        rank_p99_ms=percentile_ms(ranks, 99),
+        rank_p999_ms=percentile_ms(ranks, 99.9),
+        events_p99_ms=percentile_ms(posts, 99),
+        generator_lag_p99_ms=percentile_ms([o.lag for o in run.outcomes], 99),
+        generator_cpu_percent=100 * run.cpu_share,
+        connections=run.connections,
+        arrivals=check_arrivals(observed, schedule, rate, seconds),
         server=ServerView.between(
             before,
             after,
             cpu_seconds=cpu_after - cpu_before,
             runqueue_seconds=wait_after - wait_before,
-            wall_seconds=wall_after - wall_before,
+            wall_seconds=run.wall_seconds,
         ),
         load_average=os.getloadavg()[0],
     )
 
 
 @dataclass(frozen=True)
+class LocustStep:
+    offered_rps: float
+    achieved_rps: float
+    rank_p50_ms: float
+    rank_p99_ms: float
+    failures: int
+    arrivals: ArrivalCheck
+
+
+def run_locust_step(
+    service: LiveService,
+    arrival_dir: Path,
+    traffic_config: TrafficConfig,
+    rate: float,
+    seconds: int,
+    prefix: Path,
+    processes: int,
+) -> LocustStep:
+    users = max(1, math.ceil(rate / LOCUST_USER_RPS))
+    options = LoadOptions(
+        host=service.url,
+        users=users,
+        spawn_rate=users,
+        run_time_s=seconds,
+        csv_prefix=prefix,
+        traffic=replace(traffic_config, user_rps=rate / users),
+        reset_stats=True,
+        processes=processes,
+    )
+    started = time.time()
+    summary = check(run_locust(options), BUDGET_MS, 0.0)
+    ended = time.time()
+    rank = next((g for g in summary.groups if g.name == "/rank"), None)
+    # Locust's own window excludes spawning (reset_stats); the arrivals are checked over the
+    # whole run, whose first second is the spawn.
+    observed = read_arrivals(arrival_dir, started, ended)
+    window = max(ended - started, 1.0)
+    return LocustStep(
+        offered_rps=rate,
+        achieved_rps=summary.aggregated.requests_per_s,
+        rank_p50_ms=rank.p50_ms if rank else math.nan,
+        rank_p99_ms=rank.p99_ms if rank else math.nan,
+        failures=summary.aggregated.failures,
+        arrivals=check_arrivals(observed, None, rate, window),
+    )
+
+
+def process_tree_seconds(pid: int) -> tuple[float, float]:
+    """(on-CPU, waiting-to-run) seconds of a process and its children (uvicorn's workers)."""
+    on_cpu = waiting = 0.0
+    for member in [pid, *child_pids(pid)]:
+        cpu, wait = scheduler_seconds(member)
+        on_cpu, waiting = on_cpu + cpu, waiting + wait
+    return on_cpu, waiting
+
+
+def child_pids(pid: int) -> list[int]:
+    found = []
+    for path in Path(f"/proc/{pid}/task").glob("*/children"):
+        found += [int(child) for child in path.read_text().split()]
+    return found
+
+
+# -- a configuration's curve ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
 class Curve:
-    mode: str
-    steps: list[Step]
+    config: Config
+    steps: list[OpenLoopStep]
+    locust: list[LocustStep]
+    service_log: str
 
     @property
-    def capacity(self) -> Step | None:
-        """The passing step (p99 within budget, no failure) with the highest throughput."""
+    def capacity(self) -> OpenLoopStep | None:
+        """The passing step with the highest offered rate (p99 within budget, nothing failed)."""
         passing = [s for s in self.steps if s.passed]
-        return max(passing, key=lambda s: s.achieved_rps) if passing else None
+        return max(passing, key=lambda s: s.offered_rps) if passing else None
 
 
 def run_curve(
-    mode: str,
+    config: Config,
     service: LiveService,
-    rates: Sequence[float],
-    seconds: int,
-    traffic: TrafficConfig,
-    csv_dir: Path,
-    max_failing_steps: int,
+    arrival_dir: Path,
+    traffic_config: TrafficConfig,
+    args: argparse.Namespace,
+    work: Path,
 ) -> Curve:
-    steps: list[Step] = []
+    users, items = load_ids(traffic_config)
+    traffic = Traffic(traffic_config, users, items)
+    rng = np.random.default_rng(args.seed)
+    steps: list[OpenLoopStep] = []
+    locust: list[LocustStep] = []
     failing = 0
+    rates = args.rates.get(config.name, config.rates)
     for rate in rates:
-        step = run_step(service, rate, seconds, traffic, csv_dir / f"{mode}-{rate:g}rps")
+        step = run_open_loop_step(service, arrival_dir, traffic, rate, args.step_seconds, rng)
         steps.append(step)
-        outcomes = step.server.cache_outcomes
+        arrivals = step.arrivals
         print(
-            f"[{mode}] offered {rate:6.1f}/s achieved {step.achieved_rps:6.1f}/s  /rank p50 "
-            f"{step.rank_p50_ms:5.0f} p99 {step.rank_p99_ms:5.0f} ms  failures {step.failures}  "
-            f"cache {outcomes}  service CPU {step.server.cpu_percent:.0f} % "
-            f"({step.server.cpu_ms_per_request:.1f} ms/request, waited "
-            f"{step.server.runqueue_ms_per_request:.1f} ms for a CPU)  "
-            f"load {step.load_average:.1f}",
+            f"[{config.name}] offered {rate:5.0f}/s achieved {step.achieved_rps:6.1f}/s  /rank "
+            f"p50 {step.rank_p50_ms:5.1f} p99 {step.rank_p99_ms:6.1f} ms  /events p99 "
+            f"{step.events_p99_ms:5.1f}  failures {step.failures}  generator lag p99 "
+            f"{step.generator_lag_p99_ms:.1f} ms CPU {step.generator_cpu_percent:.0f} %  "
+            f"max/20ms offered {arrivals.intended_max} server {arrivals.observed_max} "
+            f"(Poisson q99.9 {arrivals.poisson_q999:.0f})  service CPU "
+            f"{step.server.cpu_percent:.0f} %",
             flush=True,
         )
+        if args.locust:
+            result = run_locust_step(
+                service,
+                arrival_dir,
+                traffic_config,
+                rate,
+                int(args.step_seconds),
+                work / f"locust-{config.name}-{rate:g}rps",
+                args.locust_processes,
+            )
+            locust.append(result)
+            print(
+                f"[{config.name}]   Locust at {rate:5.0f}/s: /rank p50 {result.rank_p50_ms:g} "
+                f"p99 {result.rank_p99_ms:g} ms, failures {result.failures}, max/20ms at the "
+                f"server {result.arrivals.observed_max}",
+                flush=True,
+            )
         failing = 0 if step.passed else failing + 1
-        if failing >= max_failing_steps:
+        if failing >= args.max_failing_steps:
             break
-    return Curve(mode, steps)
+    return Curve(config, steps, locust, str(service.log))
 
 
-# -- the state cache switch -------------------------------------------------------------------
-
-
-def cache_settings(mode: str) -> dict[str, str]:
-    """Extra service settings for state cache ``mode`` (on, off)."""
-    return {"IFA_STATE_CACHE": "off" if mode == "off" else "on"}
-
-
-# -- the report -------------------------------------------------------------------------------
+# -- the report ----------------------------------------------------------------------------------
 
 
 def machine() -> dict[str, object]:
@@ -306,32 +484,6 @@ def machine() -> dict[str, object]:
     }
 
 
-STEP_COLUMNS = (
-    "offered req/s", "users", "achieved req/s", "/rank/s", "/rank p50 ms", "/rank p95 ms",
-    "/rank p99 ms", "/events p99 ms", "server /rank p99 ms", "failures",
-    "cache hit/stale/miss", "mean encode ms", "mean forward ms", "service CPU %",
-    "service CPU ms/request", "runqueue wait ms/request", "load avg", "within budget",
-)  # fmt: skip
-
-
-def table_row(cells: Sequence[object]) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
-def step_cells(s: Step) -> list[object]:
-    outcomes, stages = s.server.cache_outcomes, s.server.stage_mean_ms
-    return [
-        f"{s.offered_rps:g}", s.users, f"{s.achieved_rps:.1f}", f"{s.rank_rps:.1f}",
-        f"{s.rank_p50_ms:g}", f"{s.rank_p95_ms:g}", f"{s.rank_p99_ms:g}", f"{s.events_p99_ms:g}",
-        f"{s.server.rank_p99_ms:.1f}", s.failures,
-        "/".join(str(outcomes.get(o, 0)) for o in ("hit", "stale", "miss")),
-        f"{stages.get('encode', math.nan):.2f}", f"{stages.get('forward', math.nan):.2f}",
-        f"{s.server.cpu_percent:.0f}", f"{s.server.cpu_ms_per_request:.1f}",
-        f"{s.server.runqueue_ms_per_request:.1f}",
-        f"{s.load_average:.1f}", "yes" if s.passed else "no: " + "; ".join(s.violations),
-    ]  # fmt: skip
-
-
 def describe_machine(facts: object) -> str:
     assert isinstance(facts, dict)
     return (
@@ -340,57 +492,125 @@ def describe_machine(facts: object) -> str:
     )
 
 
+def table_row(cells: Sequence[object]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+STEP_COLUMNS = (
+    "offered req/s",
+    "achieved req/s",
+    "/rank p50 ms",
+    "/rank p99 ms",
+    "/rank p99.9 ms",
+    "/events p99 ms",
+    "failures",
+    "generator lag p99 ms",
+    "generator CPU %",
+    "max arrivals in 20 ms: offered / at server / Poisson q99.9",
+    "service CPU %",
+    "model queue wait ms per /rank",
+    "hit/stale/miss",
+    "within budget",
+    "Locust /rank p50 ms",
+    "Locust /rank p99 ms",
+    "Locust failures",
+    "Locust max arrivals in 20 ms at server",
+)
+
+
+def step_cells(step: OpenLoopStep, locust: LocustStep | None) -> list[object]:
+    arrivals, server = step.arrivals, step.server
+    outcomes = server.cache_outcomes
+    verdict = "yes" if step.passed else "no: " + ", ".join(step.violations)
+    if step.generator_limited:
+        verdict += " (generator-limited)"
+    cells: list[object] = [
+        f"{step.offered_rps:g}",
+        f"{step.achieved_rps:.1f}",
+        f"{step.rank_p50_ms:.1f}",
+        f"{step.rank_p99_ms:.1f}",
+        f"{step.rank_p999_ms:.1f}",
+        f"{step.events_p99_ms:.1f}",
+        step.failures,
+        f"{step.generator_lag_p99_ms:.1f}",
+        f"{step.generator_cpu_percent:.0f}",
+        f"{arrivals.intended_max} / {arrivals.observed_max} / {arrivals.poisson_q999:.0f}",
+        f"{server.cpu_percent:.0f}",
+        f"{server.stage_mean_ms.get('model_queue', math.nan):.2f}",
+        "/".join(str(outcomes.get(o, 0)) for o in ("hit", "stale", "miss")),
+        verdict,
+    ]
+    if locust is None:
+        return [*cells, "", "", "", ""]
+    return [
+        *cells,
+        f"{locust.rank_p50_ms:g}",
+        f"{locust.rank_p99_ms:g}",
+        locust.failures,
+        f"{locust.arrivals.observed_max} (q99.9 {locust.arrivals.poisson_q999:.0f})",
+    ]
+
+
 def to_markdown(report: dict[str, object], curves: list[Curve]) -> str:
     setup = report["setup"]
     assert isinstance(setup, dict)
+    baseline = next((c for c in curves if c.config.name == "baseline"), None)
+    base = baseline.capacity if baseline else None
     lines = [
-        "# Capacity of one service process",
+        "# Capacity within the 50 ms p99 budget",
         "",
-        f"Generated by `python -m loadtest.capacity` on {report['date']}. Model "
-        f"`{setup['model_version']}`; {setup['users']} users with {setup['events_per_user']:,} "
-        f"events each (seeded into Redis); {setup['candidates']:,} candidates per /rank, k = 50; "
-        f"/rank:/events = 4:1; one uvicorn worker, {setup['torch_threads']} torch thread; "
-        f"Redis store on a private redis-server; Locust (Poisson arrivals, "
-        f"{USER_RPS:g} tasks/s per user) on the same machine, {setup['step_seconds']} s per step "
-        f"after spawning. Machine: {describe_machine(report['machine'])}.",
+        f"Generated by `{setup['command']}` on {report['date']} "
+        f"({report['duration_s']} s). Model `{setup['model_version']}`; {setup['users']} users "
+        f"with {setup['events_per_user']:,} events each, seeded into a private redis-server; "
+        f"{setup['candidates']:,} candidates per /rank, k = 50; /rank:/events = 4:1 (10 events "
+        f"per post); Poisson arrivals; {setup['step_seconds']} s per step; the generator runs on "
+        f"the same machine. Machine: {describe_machine(report['machine'])}.",
         "",
-        "Latencies are client-side (Locust, integer ms; p99 of each step's requests); the "
-        "server-side /rank p99 is interpolated from the service's own histogram. The machine is "
-        "shared (see the load average column): read the numbers as an order of magnitude for "
-        "this box, not as a benchmark.",
+        "Latency is measured by the schedule-driven generator (`loadtest/openloop.py`) from each "
+        "request's intended send time, so a stall anywhere counts against every request that "
+        "should have been sent during it. A step passes when the p99 of /rank and of /events "
+        f"are within {BUDGET_MS:g} ms and no request failed (a failure is a non-2xx answer, a "
+        "/rank without k items, or no answer within 10 s). Capacity is the highest passing "
+        "offered rate. The arrival check reads the service's own arrival log: the most "
+        "requests it received within any 20 ms, beside the most the offered schedule held and "
+        "the 99.9 % quantile of that maximum for a Poisson stream of the offered rate (by "
+        "simulation). A step is marked generator-limited where the generator sent its p99 "
+        f"request more than {GENERATOR_LAG_LIMIT_MS:g} ms late or used more than "
+        f"{100 * GENERATOR_CPU_LIMIT:.0f} % of a core.",
         "",
-        "A step passes when the p99 of /rank and of /events are within "
-        f"{BUDGET_MS:g} ms and no request failed; a curve stops after "
-        f"{setup['max_failing_steps']} failing steps in a row. Capacity is the highest "
-        "throughput of a passing step. The CPU ceiling is what one core would serve at the "
-        "service's measured CPU time per request of the mix (median over the steps), "
-        "queueing aside.",
-        "",
-        "| state cache | capacity, req/s (all routes) | of which /rank/s | /rank p99 there "
-        "| service CPU ms/request | CPU ceiling, req/s |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| configuration | capacity, req/s offered | achieved there | /rank p50 / p99 there "
+        "| vs baseline |",
+        "|---|---:|---:|---:|---:|",
     ]
     for curve in curves:
         best = curve.capacity
-        cpu_ms = statistics.median(s.server.cpu_ms_per_request for s in curve.steps)
-        ceiling = f"{cpu_ms:.1f} | {1000 / cpu_ms:.0f}"
+        label = f"{curve.config.name}: {curve.config.description}"
         if best is None:
-            lines.append(f"| {curve.mode} | none passed | | | {ceiling} |")
-        else:
-            lines.append(
-                f"| {curve.mode} | {best.achieved_rps:.1f} | {best.rank_rps:.1f} "
-                f"| {best.rank_p99_ms:g} ms | {ceiling} |"
-            )
+            lines.append(f"| {label} | none passed | | | |")
+            continue
+        ratio = f"{best.offered_rps / base.offered_rps:.2f}×" if base else ""
+        lines.append(
+            f"| {label} | {best.offered_rps:g} | {best.achieved_rps:.1f} "
+            f"| {best.rank_p50_ms:.1f} / {best.rank_p99_ms:.1f} ms | {ratio} |"
+        )
     for curve in curves:
+        by_rate = {step.offered_rps: step for step in curve.locust}
         lines += [
             "",
-            f"## State cache {curve.mode}",
+            f"## {curve.config.name}: {curve.config.description}",
+            "",
+            "Settings: "
+            + (
+                ", ".join(f"`{k}={v}`" for k, v in curve.config.env.items())
+                or "none (the defaults)"
+            )
+            + ".",
             "",
             table_row(STEP_COLUMNS),
-            "|" + "---:|" * (len(STEP_COLUMNS) - 1) + "---|",
+            "|" + "---:|" * len(STEP_COLUMNS),
         ]
-        lines += [table_row(step_cells(s)) for s in curve.steps]
-    lines += ["", f"![latency vs throughput]({report['plot']})", ""]
+        lines += [table_row(step_cells(s, by_rate.get(s.offered_rps))) for s in curve.steps]
+    lines += ["", f"![latency vs offered load]({report['plot']})", ""]
     return "\n".join(lines)
 
 
@@ -401,19 +621,31 @@ def plot(curves: list[Curve], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(8, 5))
-    for curve, colour in zip(curves, ("tab:blue", "tab:red"), strict=False):
-        x = [s.achieved_rps for s in curve.steps]
-        axis.plot(x, [s.rank_p99_ms for s in curve.steps], "o-", color=colour,
-                  label=f"cache {curve.mode}: /rank p99")  # fmt: skip
-        axis.plot(x, [s.rank_p50_ms for s in curve.steps], "s--", color=colour, alpha=0.6,
-                  label=f"cache {curve.mode}: /rank p50")  # fmt: skip
+    colours = ("tab:red", "tab:blue", "tab:green", "tab:purple")
+    for curve, colour in zip(curves, colours, strict=False):
+        x = [s.offered_rps for s in curve.steps]
+        axis.plot(
+            x,
+            [s.rank_p99_ms for s in curve.steps],
+            "o-",
+            color=colour,
+            label=f"{curve.config.name}: /rank p99 (open loop)",
+        )
+        if curve.locust:
+            axis.plot(
+                [s.offered_rps for s in curve.locust],
+                [s.rank_p99_ms for s in curve.locust],
+                "x:",
+                color=colour,
+                label=f"{curve.config.name}: /rank p99 (Locust)",
+            )
     axis.axhline(BUDGET_MS, color="black", linestyle=":", label=f"{BUDGET_MS:g} ms budget")
-    axis.set_xlabel("achieved throughput (requests/s, /rank + /events)")
-    axis.set_ylabel("latency (ms, client side)")
+    axis.set_xlabel("offered load (requests/s, /rank + /events, Poisson)")
+    axis.set_ylabel("latency (ms, from the intended send)")
     axis.set_yscale("log")
-    axis.set_title("One service process: latency vs throughput")
+    axis.set_title("Latency against offered load")
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend()
+    axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -430,7 +662,7 @@ def finite(value: object) -> object:
     return value
 
 
-# -- main -------------------------------------------------------------------------------------
+# -- main ----------------------------------------------------------------------------------------
 
 
 def ensure_model(model_dir: Path) -> None:
@@ -452,11 +684,23 @@ def catalogue_item_ids(model_dir: Path) -> tuple[str, np.ndarray]:
     return manifest.version, np.asarray(ids, dtype=np.int64)
 
 
-def parse_modes(text: str) -> list[str]:
-    modes = text.split(",")
-    if not set(modes) <= set(CACHE_MODES):
-        raise argparse.ArgumentTypeError(f"modes are a comma-separated subset of {CACHE_MODES}")
-    return modes
+def parse_configs(text: str) -> list[Config]:
+    names = text.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown configurations {unknown}; known: {list(CONFIGS)}"
+        )
+    return [CONFIGS[n] for n in names]
+
+
+def parse_rates(text: str) -> tuple[str, tuple[float, ...]]:
+    name, _, rates = text.partition("=")
+    if name not in CONFIGS or not rates:
+        raise argparse.ArgumentTypeError(
+            f"expected CONFIG=r1,r2,... with CONFIG in {list(CONFIGS)}"
+        )
+    return name, tuple(float(r) for r in rates.split(","))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -466,63 +710,80 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model-dir", type=Path, default=Path("artifacts"))
-    parser.add_argument("--out", type=Path, default=Path("results/capacity"),
-                        help="writes <out>.md, <out>.json, <out>.png")  # fmt: skip
-    parser.add_argument("--csv-dir", type=Path, default=Path("runs/capacity"))
-    parser.add_argument("--users", type=int, default=200, help="users in the load world")
-    parser.add_argument("--events-per-user", type=int, default=10_000)
-    parser.add_argument("--candidates", type=int, default=1000)
-    parser.add_argument("--step-seconds", type=int, default=30)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/capacity"),
+        help="writes <out>.md, <out>.json, <out>.png",
+    )
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/capacity"))
+    parser.add_argument(
+        "--configs",
+        type=parse_configs,
+        default=parse_configs("baseline,defaults"),
+        help=f"comma-separated, from {list(CONFIGS)}",
+    )
     parser.add_argument(
         "--rates",
-        type=lambda text: [float(r) for r in text.split(",")],
-        default=list(DEFAULT_RATES),
-        help="offered requests/s, comma-separated",
+        type=parse_rates,
+        action="append",
+        default=[],
+        metavar="CONFIG=R1,R2,...",
+        help="offered requests/s of a configuration's steps (repeatable)",
     )
+    parser.add_argument("--users", type=int, default=100, help="users in the load world")
+    parser.add_argument("--events-per-user", type=int, default=10_000)
+    parser.add_argument("--candidates", type=int, default=1000)
+    parser.add_argument("--step-seconds", type=float, default=20.0)
     parser.add_argument(
         "--max-failing-steps",
         type=int,
-        default=3,
+        default=2,
         help="stop a curve after this many consecutive steps over budget",
     )
     parser.add_argument(
-        "--modes", type=parse_modes, default=list(CACHE_MODES), help="state cache modes: on,off"
+        "--locust",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also offer each step's rate with Locust",
     )
-    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument(
+        "--locust-processes", type=int, default=2, help="Locust worker processes (--processes)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.rates = dict(args.rates)
     started = time.time()
     ensure_model(args.model_dir)
     version, item_ids = catalogue_item_ids(args.model_dir)
-    work = args.csv_dir.resolve()
+    work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     world = write_world(work / "world", item_ids, args.users, args.events_per_user)
-    traffic = TrafficConfig(world=world, candidates=args.candidates)
+    traffic_config = TrafficConfig(world=world, candidates=args.candidates)
     warm_candidates = item_ids[: args.candidates].tolist()
 
     curves: list[Curve] = []
     with redis_server(work) as redis_url:
-        env = {
-            "IFA_STORE": "redis",
-            "IFA_REDIS_URL": redis_url,
-            "IFA_REDIS_PREFIX": REDIS_PREFIX,
-            "IFA_SEED_WORLD": str(world),
-            "IFA_TORCH_THREADS": str(args.torch_threads),
-        }
-        for mode in args.modes:
-            log = work / f"service-cache-{mode}.log"
-            with running_service(args.model_dir, log, env | cache_settings(mode)) as service:
-                if mode == "on":
-                    print(f"[{mode}] warming the state cache of {args.users} users", flush=True)
-                    warm_state_cache(service.url, range(args.users), warm_candidates)
-                curve = run_curve(
-                    mode, service, args.rates, args.step_seconds, traffic, work,
-                    args.max_failing_steps,
-                )  # fmt: skip
-                curves.append(curve)
+        for config in args.configs:
+            arrival_dir = work / f"arrivals-{config.name}"
+            for stale in arrival_dir.glob("arrivals-*.bin"):
+                stale.unlink()
+            env = {
+                "IFA_STORE": "redis",
+                "IFA_REDIS_URL": redis_url,
+                "IFA_REDIS_PREFIX": REDIS_PREFIX,
+                "IFA_SEED_WORLD": str(world),
+                "IFA_ARRIVAL_LOG": str(arrival_dir),
+            } | config.env
+            log = work / f"service-{config.name}.log"
+            with running_service(args.model_dir, log, env) as service:
+                print(f"[{config.name}] warming the state cache of {args.users} users", flush=True)
+                warm_state_cache(service.url, range(args.users), warm_candidates)
+                curves.append(run_curve(config, service, arrival_dir, traffic_config, args, work))
 
     out = args.out
     report: dict[str, object] = {
@@ -531,22 +792,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duration_s": round(time.time() - started),
         "machine": machine(),
         "setup": {
+            "command": "python -m loadtest.capacity " + " ".join(argv if argv else sys.argv[1:]),
             "model_version": version,
             "users": args.users,
             "events_per_user": args.events_per_user,
             "candidates": args.candidates,
             "step_seconds": args.step_seconds,
-            "torch_threads": args.torch_threads,
             "budget_ms": BUDGET_MS,
             "max_failing_steps": args.max_failing_steps,
-            "cache_off_by": "IFA_STATE_CACHE=off",
+            "locust_processes": args.locust_processes if args.locust else None,
         },
-        "curves": [
+        "configs": [
             {
-                "mode": c.mode,
-                "capacity_rps": c.capacity.achieved_rps if c.capacity else None,
-                "capacity_rank_rps": c.capacity.rank_rps if c.capacity else None,
-                "steps": [asdict(s) for s in c.steps],
+                "name": c.config.name,
+                "description": c.config.description,
+                "env": c.config.env,
+                "capacity_rps": c.capacity.offered_rps if c.capacity else None,
+                "steps": [
+                    asdict(s) | {"generator_limited": s.generator_limited, "passed": s.passed}
+                    for s in c.steps
+                ],
+                "locust": [asdict(s) for s in c.locust],
             }
             for c in curves
         ],

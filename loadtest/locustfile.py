@@ -7,6 +7,9 @@ come from ``IFA_LOADTEST_*`` environment variables (see :mod:`loadtest.traffic`)
 
 from __future__ import annotations
 
+import itertools
+import json
+from collections.abc import Iterator
 from typing import Any
 
 from locust import FastHttpUser, constant, events, task
@@ -15,20 +18,36 @@ from locust.env import Environment
 from loadtest.traffic import Traffic, TrafficConfig, load_ids, poisson_wait
 
 CONFIG = TrafficConfig.from_env()
+JSON_HEADERS = {"content-type": "application/json"}
 _traffic: Traffic | None = None
+_rank_bodies: Iterator[tuple[str, int]] | None = None
 
 
 @events.init.add_listener
 def load_world(environment: Environment, **_: Any) -> None:
-    """Read the world's ids once per Locust process, before any user starts."""
-    global _traffic
+    """Read the world's ids, and draw the /rank body pool, once per Locust process."""
+    global _traffic, _rank_bodies
     users, items = load_ids(CONFIG)
     _traffic = Traffic(CONFIG, users, items)
+    if CONFIG.body_pool > 0:
+        pool = []
+        for _draw in range(CONFIG.body_pool):
+            body = _traffic.rank_body()
+            pool.append((json.dumps(body), _traffic.expected_items(body)))
+        _rank_bodies = itertools.cycle(pool)
 
 
 def traffic() -> Traffic:
     assert _traffic is not None, "the init listener has not run"
     return _traffic
+
+
+def next_rank_body() -> tuple[str, int]:
+    """A serialised /rank body and the items its answer must hold."""
+    if _rank_bodies is not None:
+        return next(_rank_bodies)
+    body = traffic().rank_body()
+    return json.dumps(body), traffic().expected_items(body)
 
 
 class RankingUser(FastHttpUser):
@@ -38,14 +57,16 @@ class RankingUser(FastHttpUser):
 
     @task(CONFIG.rank_weight)  # a weight of 0 leaves the task out
     def rank(self) -> None:
-        body = traffic().rank_body()
-        with self.client.post("/rank", json=body, name="/rank", catch_response=True) as response:
+        body, expected = next_rank_body()
+        with self.client.post(
+            "/rank", data=body, headers=JSON_HEADERS, name="/rank", catch_response=True
+        ) as response:
             if response.status_code != 200:
                 response.failure(f"status {response.status_code}: {response.text[:200]}")
                 return
             items = response.json().get("items", [])
-            if len(items) != traffic().expected_items(body):
-                response.failure(f"{len(items)} items, expected {traffic().expected_items(body)}")
+            if len(items) != expected:
+                response.failure(f"{len(items)} items, expected {expected}")
 
     @task(CONFIG.events_weight)
     def post_events(self) -> None:

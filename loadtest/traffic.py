@@ -23,6 +23,11 @@ process (the runner passes these on):
                                   (see :func:`poisson_wait`); 0 runs a closed loop with no
                                   wait (default 2).
 ``IFA_LOADTEST_SEED``             random seed of the id permutation (default 0).
+``IFA_LOADTEST_BODY_POOL``        /rank bodies drawn and serialised once at start and cycled
+                                  (default 256; 0 draws each request afresh). Drawing 1,000
+                                  candidates and encoding them costs a Locust process about as
+                                  much CPU as the rest of a request, and a generator that runs out
+                                  of CPU stalls and then sends in bursts.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class TrafficConfig:
     duplicate_fraction: float = 0.02
     user_rps: float = 2.0
     seed: int = 0
+    body_pool: int = 256
     fallback_users: int = 10_000
     fallback_items: int = 100_000
 
