@@ -18,9 +18,12 @@ from fastapi.openapi.utils import get_openapi
 
 from service.api import events, health, info, rank
 from service.api.deps import Services
+from service.arrivals import ArrivalLogMiddleware
 from service.errors import install_error_handlers
-from service.metrics import Metrics
+from service.loop_lag import watch_loop_lag
+from service.metrics import Metrics, retire_worker
 from service.middleware import HttpMetricsMiddleware
+from service.model_queue import ModelQueue
 from service.ranker import Ranker
 from service.runtime import ModelRuntime, load_runtime
 from service.schemas import MAX_ID
@@ -46,12 +49,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await start(settings, metrics)
         app.state.services = services
+        lag_watch = asyncio.create_task(watch_loop_lag(metrics.event_loop_lag))
         try:
             yield
         finally:
+            lag_watch.cancel()
             app.state.services = None
             await services.store.close()
-            services.runtime.executor.shutdown(wait=True)
+            services.runtime.queue.executor.shutdown(wait=True)
+            retire_worker()
 
     app = FastAPI(
         title="IFA ranking service",
@@ -63,6 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.services = None
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
+    if settings.arrival_log is not None:
+        app.add_middleware(ArrivalLogMiddleware, directory=settings.arrival_log)
     install_error_handlers(app, metrics)
     for module in (rank, events, health, info):
         app.include_router(module.router)
@@ -72,6 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 async def start(settings: Settings, metrics: Metrics) -> Services:
     """Load the model and open the store; raises (and the server does not start) on failure."""
+    # Worker processes of ``--workers N`` start without the parent's logging set-up.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("service").setLevel(settings.log_level.upper())
     torch.set_num_threads(settings.torch_threads)
     # Also in each worker: with OpenMP the thread count is a per-thread setting.
@@ -81,11 +91,22 @@ async def start(settings: Settings, metrics: Metrics) -> Services:
         initializer=torch.set_num_threads,
         initargs=(settings.torch_threads,),
     )
+    queue = ModelQueue(
+        executor,
+        settings.model_queue_limit,
+        on_wait=lambda seconds: metrics.observe_stage("model_queue", seconds),
+        on_depth=metrics.model_queue_depth.set,
+    )
     loop = asyncio.get_running_loop()
     store: Store | None = None
     try:
         runtime = await loop.run_in_executor(
-            executor, load_runtime, settings.model_dir, settings.program_format, executor
+            executor,
+            load_runtime,
+            settings.model_dir,
+            settings.program_format,
+            settings.precision,
+            queue,
         )
         await loop.run_in_executor(executor, warm_up, runtime)
         store = InstrumentedStore(open_store(settings), metrics)
@@ -108,7 +129,11 @@ async def start(settings: Settings, metrics: Metrics) -> Services:
         runtime, store, metrics, settings.state_ttl_seconds, state_cache=settings.state_cache
     )
     logger.info(
-        "serving %s (%s) from %s", runtime.version, settings.program_format, settings.model_dir
+        "serving %s (%s, %s) from %s",
+        runtime.version,
+        runtime.model.program_format,
+        runtime.model.precision,
+        settings.model_dir,
     )
     return Services(settings, metrics, runtime, store, ranker)
 

@@ -3,6 +3,7 @@
 * validation (422, or 400 for a body that is not JSON): ``{"detail": [{loc, field, msg, type}]}``
   where ``msg`` starts with the field it is about, e.g. ``candidate_ids[3]: Input should be ...``;
 * store unreachable, or the model not loaded yet: 503 ``{"detail": "..."}``;
+* a worker at a capacity limit: 503 with ``Retry-After``;
 * a model failure or anything unexpected: 500 ``{"detail": "..."}``, with the cause in the log
   and never in the body.
 """
@@ -30,6 +31,15 @@ class ModelError(RuntimeError):
 
 class NotReady(RuntimeError):
     """A request arrived before the lifespan loaded the model (or after it shut down)."""
+
+
+class Overloaded(RuntimeError):
+    """This worker is at a capacity limit: shed the request now (503 + Retry-After) rather
+    than queue it behind work it would wait seconds for."""
+
+    def __init__(self, detail: str, retry_after_seconds: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after_seconds = retry_after_seconds
 
 
 def json_response(content: Any, status_code: int = 200) -> Response:
@@ -101,6 +111,13 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def on_not_ready(request: Request, exc: Exception) -> Response:
         return json_response({"detail": str(exc)}, status_code=503)
 
+    async def on_overloaded(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Overloaded)
+        metrics.errors.labels(kind="overloaded").inc()
+        response = json_response({"detail": str(exc)}, status_code=503)
+        response.headers["Retry-After"] = str(exc.retry_after_seconds)
+        return response
+
     async def on_model_error(request: Request, exc: Exception) -> Response:
         metrics.errors.labels(kind="model").inc()
         logger.exception("model error on %s", request.url.path, exc_info=exc)
@@ -114,5 +131,6 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StoreError, on_store_error)
     app.add_exception_handler(NotReady, on_not_ready)
+    app.add_exception_handler(Overloaded, on_overloaded)
     app.add_exception_handler(ModelError, on_model_error)
     app.add_exception_handler(Exception, on_unexpected)

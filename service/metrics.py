@@ -6,9 +6,22 @@ bounded sets (route templates, status classes, stages, outcomes), never user or 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""Set (by ``python -m service --workers N``) to the directory where every worker process
+writes its samples; a scrape of any worker then reads all of them (prometheus-client's
+multiprocess mode). Gauges say how their per-process values combine (``multiprocess_mode``)."""
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
@@ -27,10 +40,14 @@ METRICS_ROUTE = "/metrics"
 
 CANDIDATE_BUCKETS = (1, 10, 50, 100, 200, 500, 1000, 1500, 2000, 3000, 5000)
 
-STAGES = ("validate", "featurize", "state_fetch", "fold", "encode", "forward", "serialise")
+STAGES = (
+    "validate", "featurize", "state_fetch", "model_queue", "fold", "encode", "forward",
+    "serialise",
+)  # fmt: skip
+"""model_queue: a model job's wait for the worker's model thread (one observation per job)."""
 CACHE_OUTCOMES = ("hit", "miss", "stale")
 INGEST_OUTCOMES = ("accepted", "duplicate")
-ERROR_KINDS = ("validation", "store", "model", "internal")
+ERROR_KINDS = ("validation", "store", "model", "overloaded", "internal")
 STORE_OPERATIONS = (
     "snapshot", "read_events", "append_events", "put_state", "put_profile", "seed", "ping",
 )  # fmt: skip
@@ -101,7 +118,24 @@ class Metrics:
             "ifa_store_errors_total", "Failed store operations.", ["operation"], registry=r
         )
         self.model_info = Gauge(
-            "ifa_model_info", "The model version served (value 1).", ["version"], registry=r
+            "ifa_model_info",
+            "The model version served (value 1).",
+            ["version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.model_queue_depth = Gauge(
+            "ifa_model_queue_depth",
+            "Model jobs (encode, fold, score) submitted and not finished, summed over workers.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.event_loop_lag = Gauge(
+            "ifa_event_loop_lag_seconds",
+            "Largest event-loop lag over the last few seconds (how late a timer fired), the "
+            "worst worker's.",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         # Pre-create the bounded label sets so that dashboards see zeros, not gaps.
         for stage in STAGES:
@@ -139,3 +173,20 @@ class Metrics:
         if route != METRICS_ROUTE:
             self.http_duration.labels(route=route, method=method).observe(seconds)
         self.notify("request", seconds)
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The text a scrape returns: ``registry``'s samples, or, in multiprocess mode, every live
+    and finished worker's (counters and histograms summed, gauges by their mode)."""
+    directory = os.environ.get(MULTIPROCESS_ENV)
+    if not directory:
+        return generate_latest(registry)
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged, path=directory)
+    return generate_latest(merged)
+
+
+def retire_worker() -> None:
+    """Drop this worker's live gauges from the multiprocess directory (at shutdown)."""
+    if os.environ.get(MULTIPROCESS_ENV):
+        multiprocess.mark_process_dead(os.getpid())

@@ -1,17 +1,15 @@
 """The loaded model as the service uses it: the exported encoder and scorer, the catalogue,
-and the executor their torch work runs on (never on the event loop).
+and the model queue their torch work runs through (never on the event loop).
 
 Featurisation (numpy lookups, microseconds) runs on the event loop; the torch methods
 (``encode_history``, ``fold_events``, ``score``) run on the executor, through
-:meth:`ModelRuntime.run`.
+:meth:`ModelRuntime.run` (:class:`service.model_queue.ModelQueue`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -22,6 +20,7 @@ import torch
 from model.artifact import ServingModel, load_artifact
 from model.catalogue import Catalogue
 from model.features import FeatureSpec
+from service.model_queue import ModelQueue
 from service.state import UserState, advance, empty_state, fold, fold_reference_time
 from service.stores.records import EventLog
 
@@ -41,15 +40,11 @@ class Scored:
 class ModelRuntime:
     """One model version, ready to encode histories and score candidate sets."""
 
-    def __init__(
-        self,
-        model: ServingModel,
-        executor: ThreadPoolExecutor,
-    ) -> None:
+    def __init__(self, model: ServingModel, queue: ModelQueue) -> None:
         manifest = model.manifest
         self.model = model
         self.catalogue: Catalogue = model.catalogue
-        self.executor = executor
+        self.queue = queue
         self.version: str = str(manifest.version)
         self.spec: FeatureSpec = model.spec
         self.actions: tuple[str, ...] = tuple(manifest.actions)
@@ -70,8 +65,9 @@ class ModelRuntime:
             )
 
     async def run(self, job: Callable[[], T]) -> T:
-        """Run torch work on the model executor, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, job)
+        """Run torch work on the model thread, off the event loop (raises
+        :class:`service.errors.Overloaded` when the worker's model queue is full)."""
+        return await self.queue.run(job)
 
     def empty_state(self) -> UserState:
         return empty_state(self.heads, self.key_dim, self.value_dim)
@@ -140,7 +136,7 @@ class ModelRuntime:
 
 
 def load_runtime(
-    model_dir: Path, program_format: str, executor: ThreadPoolExecutor
+    model_dir: Path, program_format: str, precision: str, queue: ModelQueue
 ) -> ModelRuntime:
     """Load ``model_dir`` (an artefact directory, or an export root whose LATEST names one)."""
-    return ModelRuntime(load_artifact(model_dir, program_format), executor)
+    return ModelRuntime(load_artifact(model_dir, program_format, precision), queue)

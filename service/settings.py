@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -21,8 +22,25 @@ class Settings(BaseSettings):
         description="Artefact directory: <model_dir>/LATEST names the version to serve "
         "(or model_dir is itself one version's directory).",
     )
-    program_format: str = Field(
-        default="torchscript", description="Exported program format to load."
+    program_format: Literal["auto", "torchscript", "export", "aoti", "eager"] = Field(
+        default="auto",
+        description="Exported program format to load. auto: AOTInductor where the artefact "
+        "has programs compiled for this CPU and torch version (fastest, see "
+        "results/model_bench.md), TorchScript otherwise.",
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32",
+        description="Arithmetic of the encoder and scorer. bf16 runs them under bfloat16 "
+        "autocast; refused where the CPU has no bf16 instructions or the format is aoti. Its "
+        "quality and speed against fp32 are in results/precision.md.",
+    )
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="Server processes on one port (uvicorn's process model), each with its "
+        "own model, torch threads and model thread; they share the Redis store. Unset: one per "
+        "CPU this process may run on with the Redis store, one with the memory store (which "
+        "lives inside a process and so refuses more).",
     )
     store: Literal["memory", "redis"] = Field(
         default="memory", description="Behaviour log and state cache: in-process, or Redis."
@@ -67,8 +85,28 @@ class Settings(BaseSettings):
         default="info", description="Log level of the service and uvicorn."
     )
     access_log: bool = Field(default=False, description="Let uvicorn log every request.")
+    model_queue_limit: int = Field(
+        default=32,
+        ge=1,
+        description="Jobs (encodes, folds, scores) that may wait for a worker's model thread; "
+        "past it a request is answered 503 with Retry-After instead of queueing without bound.",
+    )
+    arrival_log: Path | None = Field(
+        default=None,
+        description="Directory where each worker appends the arrival time of every request "
+        "(load-test verification: loadtest.capacity checks the arrivals it offered against "
+        "them). Off when unset.",
+    )
     seed_world: Path | None = Field(
         default=None,
         description="Demo world directory (events.parquet, users.parquet) whose histories "
         "seed the store at start; users that already have a log are left alone.",
     )
+
+    def resolved_workers(self) -> int:
+        """The worker processes to run: ``workers``, or the default it documents."""
+        if self.workers is not None:
+            return self.workers
+        if self.store == "memory":
+            return 1
+        return len(os.sched_getaffinity(0))

@@ -69,7 +69,9 @@ def test_docker_compose_accepts_the_stack() -> None:
     assert ranker["command"][: len(START_COMMAND)] == START_COMMAND
     assert ranker["environment"]["IFA_STORE"] == "redis"
     assert ranker["environment"]["IFA_REDIS_URL"].startswith("redis://redis:")
-    assert int(ranker["environment"]["IFA_TORCH_THREADS"]) == int(float(ranker["cpus"]))
+    # One single-threaded worker per CPU, as measured in results/capacity.md.
+    assert int(ranker["environment"]["IFA_WORKERS"]) == int(float(ranker["cpus"]))
+    assert ranker["environment"]["IFA_TORCH_THREADS"] == "1"
 
     mounts = {v.split(":")[1]: v.split(":")[0] for v in services["grafana"]["volumes"]}
     assert mounts["/etc/grafana/provisioning"] == str(DEPLOY / "grafana" / "provisioning")
@@ -120,15 +122,18 @@ def test_ranker_deployment_contract() -> None:
     deployment = documents["Deployment/ifa-ranker"]
     pod = deployment["spec"]["template"]
     (container,) = pod["spec"]["containers"]
-    # One uvicorn worker per pod: the README's start command, no --workers.
+    # The README's start command; the worker count comes from IFA_WORKERS (below).
     assert container["command"][: len(START_COMMAND)] == START_COMMAND
     assert "--workers" not in container["command"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     resources = container["resources"]
     assert {"cpu", "memory"} <= set(resources["requests"]) & set(resources["limits"])
-    threads = {e["name"]: e for e in container["env"]}["IFA_TORCH_THREADS"]
-    assert threads["valueFrom"]["resourceFieldRef"] == {
+    env = {e["name"]: e for e in container["env"]}
+    assert env["IFA_TORCH_THREADS"]["value"] == "1"
+    assert env["PROMETHEUS_MULTIPROC_DIR"]["value"].startswith("/tmp/")
+    workers = env["IFA_WORKERS"]
+    assert workers["valueFrom"]["resourceFieldRef"] == {
         "containerName": container["name"], "resource": "limits.cpu", "divisor": "1",
     }  # fmt: skip
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from service.api.deps import MetricsDep, Services
 from service.errors import json_response
+from service.metrics import exposition
 from service.schemas import ErrorResponse, HealthResponse, ReadyResponse
 from service.stores.base import StoreError
 
@@ -48,4 +49,4 @@ async def readyz(request: Request) -> Response:
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Text exposition."}},
 )
 async def metrics(metrics: MetricsDep) -> Response:
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(metrics.registry), media_type=CONTENT_TYPE_LATEST)
