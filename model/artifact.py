@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -40,7 +41,13 @@ from model.features import FeatureSpec
 from model.linear_attention import fold_in
 
 FORMATS: tuple[str, ...] = ("torchscript", "export", "aoti", "eager")
-"""Program formats :func:`load_artifact` accepts; "eager" rebuilds from the checkpoint."""
+"""Program formats an artefact holds; "eager" rebuilds from the checkpoint."""
+
+AUTO_FORMAT = "auto"
+"""What :func:`load_artifact` also accepts: the fastest format that can run here
+(:func:`resolve_format`)."""
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 MANIFEST_FILE = "manifest.json"
 CATALOGUE_FILE = "catalogue.parquet"
@@ -75,6 +82,36 @@ def quiet_torchscript_deprecation() -> Iterator[None]:
             "ignore", message=_TORCHSCRIPT_DEPRECATION, category=DeprecationWarning
         )
         yield
+
+
+# -- the host: what compiled programs and bf16 need -------------------------------------------
+
+
+def compile_target() -> dict[str, str]:
+    """What an AOTInductor package compiled on this machine depends on: the vector ISA inductor
+    generated code for, the machine architecture and the torch version."""
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+    }
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether the CPU has bfloat16 arithmetic (AVX512-BF16 or AMX-BF16) for oneDNN to use."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 # -- manifest ---------------------------------------------------------------------------------
@@ -201,6 +238,11 @@ class ServingModel(Protocol):
     def program_format(self) -> str: ...
 
     @property
+    def precision(self) -> str:
+        """"fp32", or "bf16" (the programs run under bfloat16 autocast)."""
+        ...
+
+    @property
     def decay_rates(self) -> Tensor:
         """(H,) float32 per-second decay rates (zeros without decay), for advancing a state."""
         ...
@@ -247,9 +289,11 @@ class ProgramModel:
         scorer: Program,
         catalogue: Catalogue,
         path: Path,
+        precision: str = "fp32",
     ):
         self._manifest = manifest
         self._format = program_format
+        self._precision = precision
         self._encoder = encoder
         self._scorer = scorer
         self._catalogue = catalogue
@@ -278,8 +322,17 @@ class ProgramModel:
         return self._format
 
     @property
+    def precision(self) -> str:
+        return self._precision
+
+    @property
     def version(self) -> str:
         return self._manifest.version
+
+    def _arithmetic(self) -> torch.autocast:
+        """bf16: matmuls and other autocast-listed ops in bfloat16, the rest (sums, softmax-like
+        normalisations) in float32, as torch's CPU autocast policy decides."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._precision == "bf16")
 
     @property
     def decay_rates(self) -> Tensor:
@@ -299,13 +352,15 @@ class ProgramModel:
                 f"event_times has {event_times.shape[0]} entries for {events.shape[0]} events"
             )
         reference = torch.tensor(float(reference_time), dtype=torch.float64)
-        with torch.no_grad():
+        with torch.no_grad(), self._arithmetic():
             if events.shape[0] <= ENCODE_CHUNK:
-                return _pair(self._encoder(events, event_times, reference))
+                return _float_pair(self._encoder(events, event_times, reference))
             state = self.empty_state()
             for start in range(0, events.shape[0], ENCODE_CHUNK):
                 stop = start + ENCODE_CHUNK
-                part = _pair(self._encoder(events[start:stop], event_times[start:stop], reference))
+                part = _float_pair(
+                    self._encoder(events[start:stop], event_times[start:stop], reference)
+                )
                 state = fold_in(state, part)
             return state
 
@@ -324,16 +379,20 @@ class ProgramModel:
             )
         s = s.to(torch.float32).contiguous()
         z = z.to(torch.float32).contiguous()
-        with torch.no_grad():
-            return _pair(self._scorer(user, candidates, s, z))
+        with torch.no_grad(), self._arithmetic():
+            return _float_pair(self._scorer(user, candidates, s, z))
 
     def __repr__(self) -> str:
-        return f"ProgramModel(version={self.version!r}, format={self._format!r}, path={self.path})"
+        return (
+            f"ProgramModel(version={self.version!r}, format={self._format!r}, "
+            f"precision={self._precision!r}, path={self.path})"
+        )
 
 
-def _pair(outputs: Any) -> tuple[Tensor, Tensor]:
+def _float_pair(outputs: Any) -> tuple[Tensor, Tensor]:
+    """The two output tensors in float32 (under bf16 autocast some come out in bfloat16)."""
     first, second = outputs
-    return first, second
+    return first.float(), second.float()
 
 
 def _check_rows(name: str, rows: Tensor, bounds: Tensor, matrix: bool) -> Tensor:
@@ -382,19 +441,61 @@ def load_catalogue(path: Path) -> Catalogue:
     return Catalogue.load(directory / manifest.catalogue_file, manifest.feature_spec())
 
 
-def load_artifact(path: Path, program_format: str = "torchscript") -> ServingModel:
-    """Load an artefact's programs in one format.
+def aoti_matches_host(manifest: Manifest) -> bool:
+    """Whether the artefact's AOTInductor programs were compiled for a machine like this one."""
+    status = manifest.formats.get("aoti", {})
+    return "aoti" in manifest.files and status.get("compiled_for") == compile_target()
+
+
+def resolve_format(manifest: Manifest, program_format: str, precision: str = "fp32") -> str:
+    """The concrete format for a requested one: "auto" is AOTInductor where its programs match
+    this machine and run in the requested precision (fp32 only: they are compiled), TorchScript
+    otherwise. AOTInductor was the fastest format for both programs in results/model_bench.md."""
+    if program_format != AUTO_FORMAT:
+        return program_format
+    if precision == "fp32" and aoti_matches_host(manifest):
+        return "aoti"
+    return "torchscript"
+
+
+def check_precision(program_format: str, precision: str) -> None:
+    """Raise ``ValueError`` with what to do instead where ``precision`` cannot run."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
+    if precision == "fp32":
+        return
+    if not cpu_supports_bf16():
+        raise ValueError(
+            "precision bf16 needs a CPU with bfloat16 instructions (AVX512-BF16 or AMX-BF16); "
+            "this CPU has neither: use precision fp32"
+        )
+    if program_format == "aoti":
+        raise ValueError(
+            "precision bf16 runs the programs under bfloat16 autocast, which compiled aoti "
+            "programs ignore: use program format torchscript (auto picks it for bf16), export "
+            "or eager, or precision fp32"
+        )
+
+
+def load_artifact(
+    path: Path, program_format: str = "torchscript", precision: str = "fp32"
+) -> ServingModel:
+    """Load an artefact's programs in one format ("auto": see :func:`resolve_format`), to run in
+    ``precision`` ("fp32", or "bf16" where :func:`check_precision` allows it).
 
     ``path`` is an artefact directory or an export root with ``LATEST``. Raises ``ValueError``
     for a format that does not exist or that this artefact could not build (with the reason the
-    exporter recorded).
+    exporter recorded), and for a precision that cannot run here.
     """
-    if program_format not in FORMATS:
+    if program_format not in (*FORMATS, AUTO_FORMAT):
         raise ValueError(
-            f"unknown program format {program_format!r}; expected one of {list(FORMATS)}"
+            f"unknown program format {program_format!r}; expected one of "
+            f"{[*FORMATS, AUTO_FORMAT]}"
         )
     directory = resolve_artifact_dir(path)
     manifest = Manifest.load(directory / MANIFEST_FILE)
+    program_format = resolve_format(manifest, program_format, precision)
+    check_precision(program_format, precision)
     if program_format not in manifest.files:
         status = manifest.formats.get(program_format)
         reason = (
@@ -408,7 +509,9 @@ def load_artifact(path: Path, program_format: str = "torchscript") -> ServingMod
         )
     encoder, scorer = load_programs(directory, manifest, program_format)
     catalogue = Catalogue.load(directory / manifest.catalogue_file, manifest.feature_spec())
-    return ProgramModel(manifest, program_format, encoder, scorer, catalogue, directory)
+    return ProgramModel(
+        manifest, program_format, encoder, scorer, catalogue, directory, precision
+    )
 
 
 def load_programs(

@@ -39,6 +39,7 @@ from model.artifact import (
     PROGRAM_FILES,
     Manifest,
     Program,
+    compile_target,
     load_program_files,
     model_version,
     plain_data,
@@ -304,6 +305,10 @@ def _build(
             status = {"status": "failed", "error": _reason(exc)}
             shutil.rmtree(staging / program_format, ignore_errors=True)
         status["seconds"] = round(time.perf_counter() - started, 3)
+        if program_format == "aoti" and status["status"] == "ok":
+            # Compiled code targets the ISA inductor detected here: the loader's "auto" format
+            # takes it only on a machine that matches (model.artifact.aoti_matches_host).
+            status["compiled_for"] = compile_target()
         statuses[program_format] = status
         say(f"  {program_format:<12} {status['status']:<7} {status['seconds']:7.1f} s")
 
