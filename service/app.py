@@ -18,6 +18,7 @@ from fastapi.openapi.utils import get_openapi
 
 from service.api import events, health, info, rank
 from service.api.deps import Services
+from service.api.docs import install_docs
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import HttpMetricsMiddleware
@@ -58,6 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Ranks candidate sets over users' whole behaviour histories (IFA).",
         version="1.0",
         lifespan=lifespan,
+        docs_url=None,  # served from local assets by install_docs
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -66,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app, metrics)
     for module in (rank, events, health, info):
         app.include_router(module.router)
+    install_docs(app)
     _document_runtime_limits(app, settings)
     return app
 
