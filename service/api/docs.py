@@ -7,6 +7,7 @@ the pages are FastAPI's own (``get_swagger_ui_html``, ``get_redoc_html``) pointe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import fastapi_offline
@@ -34,14 +35,14 @@ def install_docs(app: FastAPI) -> None:
 
     @app.get(DOCS_URL, include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
+        url = _under_root(request)
         return get_swagger_ui_html(
-            openapi_url=f"{root}{openapi_url}",
+            openapi_url=url(openapi_url),
             title=f"{app.title} - Swagger UI",
-            oauth2_redirect_url=f"{root}{redirect_url}",
-            swagger_js_url=f"{root}{ASSETS_URL}/swagger-ui-bundle.js",
-            swagger_css_url=f"{root}{ASSETS_URL}/swagger-ui.css",
-            swagger_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
+            oauth2_redirect_url=url(redirect_url),
+            swagger_js_url=url(f"{ASSETS_URL}/swagger-ui-bundle.js"),
+            swagger_css_url=url(f"{ASSETS_URL}/swagger-ui.css"),
+            swagger_favicon_url=url(f"{ASSETS_URL}/favicon.png"),
         )
 
     @app.get(redirect_url, include_in_schema=False)
@@ -50,11 +51,17 @@ def install_docs(app: FastAPI) -> None:
 
     @app.get(REDOC_URL, include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
+        url = _under_root(request)
         return get_redoc_html(
-            openapi_url=f"{root}{openapi_url}",
+            openapi_url=url(openapi_url),
             title=f"{app.title} - ReDoc",
-            redoc_js_url=f"{root}{ASSETS_URL}/redoc.standalone.js",
-            redoc_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
-            with_google_fonts=False,
+            redoc_js_url=url(f"{ASSETS_URL}/redoc.standalone.js"),
+            redoc_favicon_url=url(f"{ASSETS_URL}/favicon.png"),
+            with_google_fonts=False,  # fonts from Google's CDN: the system's instead
         )
+
+
+def _under_root(request: Request) -> Callable[[str], str]:
+    """Paths as the browser must ask for them behind a proxy that mounts the app at a prefix."""
+    root = request.scope.get("root_path", "")
+    return lambda path: f"{root}{path}"
