@@ -127,11 +127,11 @@ async def log_store(store: Store, settings: Settings) -> None:
     try:
         count = await store.count_users(USER_COUNT_BUDGET)
     except StoreError as error:  # degraded, not fatal: the store may come back
-        logger.warning("store %s at %s: cannot count users (%s)",
+        logger.warning("store %s (%s): cannot count users (%s)",
                        settings.store, store_location(settings), error)  # fmt: skip
         return
     held = f"{count.users}" if count.complete else f"at least {count.users}"
-    logger.info("store %s at %s holds %s users with a behaviour log",
+    logger.info("store %s (%s) holds %s users with a behaviour log",
                 settings.store, store_location(settings), held)  # fmt: skip
     if count.users == 0:
         logger.warning(

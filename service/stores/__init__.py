@@ -28,7 +28,7 @@ def store_location(settings: Settings) -> str:
     """Where the store the settings name keeps its data, fit for a log line (no password)."""
     if settings.store == "redis":
         return f"{redacted_url(settings.redis_url)}, key prefix {settings.redis_prefix!r}"
-    return "this process's memory (lost when it exits)"
+    return "this process's memory, lost when it exits"
 
 
 def redacted_url(url: str) -> str:

@@ -84,7 +84,7 @@ async def test_start_with_an_empty_memory_store_says_why_history_length_is_0(
     async with service_client(make_settings(artifact_dir)):
         pass
     text = caplog.text
-    assert "store memory at this process's memory (lost when it exits) holds 0 users" in text
+    assert "store memory (this process's memory, lost when it exits) holds 0 users" in text
     assert "every user ranks with history_length 0" in text
     assert "--seed-world" in text
 
@@ -103,5 +103,5 @@ async def test_start_on_redis_logs_where_and_how_many_users(
     async with service_client(settings):
         pass
     where = f"{redacted_url(redis_url)}, key prefix '{redis_prefix}'"
-    assert f"store redis at {where} holds 2 users" in caplog.text
+    assert f"store redis ({where}) holds 2 users" in caplog.text
     assert "history_length 0" not in caplog.text
