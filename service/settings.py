@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretBytes, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
+from pydantic_core import to_jsonable_python
 from pydantic_settings import (
     BaseSettings,
     CliApp,
@@ -141,7 +142,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         return CliApp.run(Settings, cli_args=None if argv is None else list(argv))
     except ValidationError as error:
         problems = "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})"
+            # Without the value given: it may be a secret.
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
             for e in error.errors()
         )
         print(f"{Settings.model_config['cli_prog_name']}: error: {problems}", file=sys.stderr)
@@ -153,11 +155,15 @@ def settings_environment(settings: Settings) -> dict[str, str]:
     (a uvicorn worker) rebuilds the same values. A setting that is ``None`` has no variable, so
     that process's environment must hold no other ``IFA_*`` (or ``REDIS_URL``) variables."""
     environment: dict[str, str] = {}
-    for name, value in settings.model_dump(mode="json").items():
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
         if value is None:
             continue
+        if isinstance(value, SecretStr | SecretBytes):  # model_dump would mask it
+            value = value.get_secret_value()
+        plain = to_jsonable_python(value)
         # JSON for everything but strings: how pydantic-settings reads booleans, numbers and
         # complex fields back.
-        text = value if isinstance(value, str) else json.dumps(value)
+        text = plain if isinstance(plain, str) else json.dumps(plain)
         environment[f"{ENV_PREFIX}{name.upper()}"] = text
     return environment
