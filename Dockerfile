@@ -46,7 +46,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
 
-# The README's start command: one uvicorn worker per container; scale with replicas.
+# The start command of deploy/README.md: one uvicorn worker per container; scale with replicas.
 CMD ["python", "-m", "service", "--host", "0.0.0.0", "--port", "8000", "--model-dir", "artifacts"]
 
 

@@ -5,12 +5,13 @@ PORT ?= 8000
 MODEL_DIR ?= artifacts
 DEMO_WORLD ?= data/worlds/small-0
 
-.PHONY: run test lint system-deps venv demo bench
+.PHONY: run run-redis test lint system-deps venv demo bench
 
 venv: $(VENV)/.installed
 
 # torch==2.13.0 is pinned in pyproject.toml; pip takes the CPU wheel from the local wheel cache
-# where there is one, so the CUDA build is never pulled.
+# where there is one. Without one, PyPI's torch is the CUDA build: install the CPU build into the
+# venv first (README, "Installing without a cached CPU wheel"); pip then keeps it.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
@@ -22,6 +23,11 @@ demo: venv
 
 run: demo
 	$(PY) -m service --host 0.0.0.0 --port $(PORT) --model-dir $(MODEL_DIR) --seed-world $(DEMO_WORLD)
+
+# The same on the Redis store: IFA_REDIS_URL, else REDIS_URL, else redis://127.0.0.1:6379/0.
+# The demo world's histories are written once; users that already have a log are left alone.
+run-redis: demo
+	$(PY) -m service --host 0.0.0.0 --port $(PORT) --model-dir $(MODEL_DIR) --seed-world $(DEMO_WORLD) --store redis
 
 system-deps:
 	bash scripts/install-system-deps.sh

@@ -18,6 +18,7 @@ from fastapi.openapi.utils import get_openapi
 
 from service.api import events, health, info, rank
 from service.api.deps import Services
+from service.api.docs import install_docs
 from service.arrivals import ArrivalLogMiddleware
 from service.errors import install_error_handlers
 from service.loop_lag import watch_loop_lag
@@ -29,12 +30,15 @@ from service.runtime import ModelRuntime, load_runtime
 from service.schemas import MAX_ID
 from service.seed import load_seed
 from service.settings import Settings
-from service.stores import open_store
-from service.stores.base import Store
+from service.stores import open_store, store_location
+from service.stores.base import Store, StoreError
 from service.stores.instrumented import InstrumentedStore
 from service.stores.records import EventLog
 
 logger = logging.getLogger("service")
+
+USER_COUNT_BUDGET = 100_000
+"""Keys examined at most to count the store's users for the start-up log line."""
 
 WARMUP_CANDIDATES = (1, 100, 1000)
 """Candidate-set sizes scored once at start, so the first requests do not pay for program
@@ -64,6 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Ranks candidate sets over users' whole behaviour histories (IFA).",
         version="1.0",
         lifespan=lifespan,
+        docs_url=None,  # served from local assets by install_docs
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -74,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app, metrics)
     for module in (rank, events, health, info):
         app.include_router(module.router)
+    install_docs(app)
     _document_runtime_limits(app, settings)
     return app
 
@@ -119,6 +126,7 @@ async def start(settings: Settings, metrics: Metrics) -> Services:
                 "seeded %d of %d users (%d events) from %s",
                 written, len(histories.user_ids), len(histories.records), settings.seed_world,
             )  # fmt: skip
+        await log_store(store, settings)
     except BaseException:
         if store is not None:
             await store.close()
@@ -136,6 +144,26 @@ async def start(settings: Settings, metrics: Metrics) -> Services:
         settings.model_dir,
     )
     return Services(settings, metrics, runtime, store, ranker)
+
+
+async def log_store(store: Store, settings: Settings) -> None:
+    """Say which store serves, where, and how many users it holds: an empty store is why every
+    /rank answers ``history_length: 0``, which a newcomer should not have to guess."""
+    try:
+        count = await store.count_users(USER_COUNT_BUDGET)
+    except StoreError as error:  # degraded, not fatal: the store may come back
+        logger.warning("store %s (%s): cannot count users (%s)",
+                       settings.store, store_location(settings), error)  # fmt: skip
+        return
+    held = f"{count.users}" if count.complete else f"at least {count.users}"
+    logger.info("store %s (%s) holds %s users with a behaviour log",
+                settings.store, store_location(settings), held)  # fmt: skip
+    if count.users == 0:
+        logger.warning(
+            "the store holds no histories: every user ranks with history_length 0 (an empty "
+            "state) until POST /events adds behaviour; --seed-world DIR preloads a world's "
+            "histories (make run seeds the demo world)"
+        )
 
 
 def warm_up(runtime: ModelRuntime) -> None:

@@ -17,7 +17,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from model.artifact import ServingModel, load_artifact
+from model.artifact import ServingModel, load_artifact, load_manifest
 from model.catalogue import Catalogue
 from model.features import FeatureSpec
 from service.model_queue import ModelQueue
@@ -133,6 +133,25 @@ class ModelRuntime:
             forward_seconds=time.perf_counter() - started,
             forward_cpu_seconds=time.thread_time() - started_cpu,
         )
+
+
+class ModelDirectoryError(Exception):
+    """The model directory is missing or unreadable; the message says what to run."""
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """Raise :class:`ModelDirectoryError` (the cause chained) unless ``model_dir`` holds a
+    readable manifest, itself or through ``LATEST``: checked before the server starts, so a
+    first run without a model gets a sentence rather than a lifespan traceback."""
+    try:
+        load_manifest(model_dir)
+    except (OSError, ValueError, TypeError, KeyError) as error:  # missing, unreadable, malformed
+        raise ModelDirectoryError(
+            f"No model to serve in {str(model_dir)!r} ({error}). The service needs an exported "
+            f"model: `make run` builds the demo model into artifacts/ and serves it, or build "
+            f"one with `python -m model.demo --out {model_dir}` and start again (or point "
+            f"--model-dir / IFA_MODEL_DIR at an export root that holds LATEST)."
+        ) from error
 
 
 def load_runtime(

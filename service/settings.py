@@ -1,19 +1,44 @@
-"""Every setting of the service, from the environment (prefix ``IFA_``) or the command line."""
+"""Every setting of the service, declared once: read from the environment (``IFA_<NAME>``) and
+the command line (``--<name>``, generated from the fields; the command line wins).
+
+A field added to :class:`Settings` is a flag of ``python -m service`` and an ``IFA_*`` variable
+with nothing else to write; ``--help`` shows its default and variable.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretBytes, SecretStr, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import to_jsonable_python
+from pydantic_settings import (
+    BaseSettings,
+    CliApp,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "IFA_"
+PLAIN_REDIS_URL = "REDIS_URL"
 
 
 class Settings(BaseSettings):
-    """Service settings. Each is read from ``IFA_<NAME>``; ``redis_url`` also from ``REDIS_URL``."""
+    """IFA ranking service: each setting is --<name> or IFA_<NAME> (the flag wins)."""
 
-    model_config = SettingsConfigDict(env_prefix="IFA_", populate_by_name=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        cli_prog_name="python -m service",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_show_env_vars=True,
+    )
 
     host: str = Field(default="127.0.0.1", description="Interface uvicorn binds to.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port uvicorn listens on.")
@@ -47,8 +72,8 @@ class Settings(BaseSettings):
     )
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
-        validation_alias=AliasChoices("IFA_REDIS_URL", "REDIS_URL", "redis_url"),
-        description="Redis connection URL (store=redis).",
+        description=f"Redis connection URL (store=redis); {PLAIN_REDIS_URL} is read too, "
+        f"below {ENV_PREFIX}REDIS_URL.",
     )
     redis_prefix: str = Field(default="ifa", min_length=1, description="Prefix of every Redis key.")
     redis_max_connections: int = Field(default=64, ge=1, description="Redis connection pool size.")
@@ -103,6 +128,24 @@ class Settings(BaseSettings):
         "seed the store at start; users that already have a log are left alone.",
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            PlainRedisUrl(settings_cls),
+            dotenv_settings,
+            file_secret_settings,
+        )
+
+
     def resolved_workers(self) -> int:
         """The worker processes to run: ``workers``, or the default it documents."""
         if self.workers is not None:
@@ -110,3 +153,54 @@ class Settings(BaseSettings):
         if self.store == "memory":
             return 1
         return len(os.sched_getaffinity(0))
+
+class PlainRedisUrl(PydanticBaseSettingsSource):
+    """``REDIS_URL``, the name Redis clients and hosting platforms use, for ``redis_url``.
+
+    A source of its own rather than an alias of the field, so that the command line keeps one
+    ``--redis-url`` flag and ``IFA_REDIS_URL`` (read before this source) wins.
+    """
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return os.environ.get(PLAIN_REDIS_URL), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        url = os.environ.get(PLAIN_REDIS_URL)
+        return {} if url is None else {"redis_url": url}
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> Settings:
+    """Settings from the command line (``argv``, default ``sys.argv[1:]``) over the environment.
+
+    ``--help`` prints every setting with its default and variable and exits; a malformed flag or
+    an invalid value (from either side) exits 2 with a one-line message per setting.
+    """
+    try:
+        return CliApp.run(Settings, cli_args=None if argv is None else list(argv))
+    except ValidationError as error:
+        problems = "; ".join(
+            # Without the value given: it may be a secret.
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+            for e in error.errors()
+        )
+        print(f"{Settings.model_config['cli_prog_name']}: error: {problems}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """``settings`` as ``IFA_<NAME>`` variables, from which ``Settings()`` in another process
+    (a uvicorn worker) rebuilds the same values. A setting that is ``None`` has no variable, so
+    that process's environment must hold no other ``IFA_*`` (or ``REDIS_URL``) variables."""
+    environment: dict[str, str] = {}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr | SecretBytes):  # model_dump would mask it
+            value = value.get_secret_value()
+        plain = to_jsonable_python(value)
+        # JSON for everything but strings: how pydantic-settings reads booleans, numbers and
+        # complex fields back.
+        text = plain if isinstance(plain, str) else json.dumps(plain)
+        environment[f"{ENV_PREFIX}{name.upper()}"] = text
+    return environment

@@ -63,6 +63,14 @@ class SeedHistories:
     profiles: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class UserCount:
+    """Users that have a behaviour log; ``complete`` is False when counting stopped early."""
+
+    users: int
+    complete: bool
+
+
 class BehaviourLog(Protocol):
     async def append_events(self, events: Sequence[NewEvent]) -> AppendResult:
         """Append each event whose id the user's log has not seen; the rest are duplicates."""
@@ -76,6 +84,11 @@ class BehaviourLog(Protocol):
 
     async def seed(self, histories: SeedHistories) -> int:
         """Preload histories of users that have no log yet; returns the users written."""
+        ...
+
+    async def count_users(self, budget: int) -> UserCount:
+        """Users with a log, examining about ``budget`` keys at most: it is logged at start,
+        which must not wait on a huge keyspace."""
         ...
 
 

@@ -7,7 +7,14 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 from service.metrics import Metrics
-from service.stores.base import AppendResult, NewEvent, SeedHistories, Store, UserSnapshot
+from service.stores.base import (
+    AppendResult,
+    NewEvent,
+    SeedHistories,
+    Store,
+    UserCount,
+    UserSnapshot,
+)
 from service.stores.records import EventLog
 
 
@@ -44,6 +51,10 @@ class InstrumentedStore:
     async def seed(self, histories: SeedHistories) -> int:
         async with self._measured("seed"):
             return await self.inner.seed(histories)
+
+    async def count_users(self, budget: int) -> UserCount:
+        async with self._measured("count_users"):
+            return await self.inner.count_users(budget)
 
     async def put_state(
         self, version: str, user_id: int, blob: bytes, cursor: int, ttl_seconds: int

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from service.stores.base import AppendResult, NewEvent, SeedHistories, UserSnapshot
+from service.stores.base import AppendResult, NewEvent, SeedHistories, UserCount, UserSnapshot
 from service.stores.records import RECORD_BYTES, EventLog, pack_record, unpack_log
 
 _SWEEP_EVERY = 4096
@@ -65,6 +65,9 @@ class MemoryStore:
         for user_id, profile in histories.profiles.items():
             await self.put_profile(user_id, profile)
         return written
+
+    async def count_users(self, budget: int) -> UserCount:
+        return UserCount(users=len(self._logs), complete=True)
 
     # -- state cache ------------------------------------------------------------------------
 

@@ -21,7 +21,14 @@ from typing import Any
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from service.stores.base import AppendResult, NewEvent, SeedHistories, StoreError, UserSnapshot
+from service.stores.base import (
+    AppendResult,
+    NewEvent,
+    SeedHistories,
+    StoreError,
+    UserCount,
+    UserSnapshot,
+)
 from service.stores.records import RECORD_BYTES, EventLog, pack_record, unpack_log
 
 # KEYS: log, ids. ARGV: event id, record, event id, record, ... Returns the count appended.
@@ -58,6 +65,9 @@ if blob then
 end
 return {blob, redis.call('HGETALL', KEYS[2]), redis.call('STRLEN', KEYS[3])}
 """
+
+_SCAN_BATCH = 1000
+"""Keys one SCAN call examines (its COUNT hint)."""
 
 _SEED_CHUNK_USERS = 512
 """Users per seeding pipeline: large enough to amortise round trips, small enough to stream."""
@@ -166,6 +176,23 @@ class RedisStore:
             raise StoreError(f"redis seed failed: {error}") from error
         return written
 
+    async def count_users(self, budget: int) -> UserCount:
+        """SCAN for log keys under the prefix, ``budget`` keys examined at most: SCAN's cost is
+        the whole keyspace's (other prefixes included), not the matches'."""
+        pattern = f"{_glob_escape(self.prefix)}:{{u:*}}:log"
+        cursor, users, examined = 0, 0, 0
+        try:
+            while True:
+                cursor, keys = await self._client.scan(cursor, match=pattern, count=_SCAN_BATCH)
+                users += len(keys)
+                examined += _SCAN_BATCH
+                if cursor == 0:
+                    return UserCount(users=users, complete=True)
+                if examined >= budget:
+                    return UserCount(users=users, complete=False)
+        except RedisError as error:
+            raise StoreError(f"redis count_users failed: {error}") from error
+
     # -- state cache ------------------------------------------------------------------------
 
     async def put_state(
@@ -212,6 +239,11 @@ class RedisStore:
         async for key in self._client.scan_iter(match=f"{self.prefix}:*", count=1000):
             deleted += int(await self._client.delete(key))
         return deleted
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a Redis glob pattern."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
 
 
 def _hash_fields(attributes: Mapping[str, int]) -> dict[Any, Any]:
