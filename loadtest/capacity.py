@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -261,6 +262,9 @@ class OpenLoopStep:
     achieved_rps: float
     requests: int
     failures: int
+    failure_kinds: dict[str, int]
+    """Failed requests by route and status ("/rank 503"; status 0: no answer in time or a
+    broken connection; "/rank 200": an answer without k items)."""
     rank_p50_ms: float
     rank_p99_ms: float
     rank_p999_ms: float
@@ -283,7 +287,8 @@ class OpenLoopStep:
     def violations(self) -> list[str]:
         found = []
         if self.failures:
-            found.append(f"{self.failures} failed")
+            kinds = ", ".join(f"{count}× {kind}" for kind, count in self.failure_kinds.items())
+            found.append(f"{self.failures} failed ({kinds})")
         for name, value in (("/rank", self.rank_p99_ms), ("/events", self.events_p99_ms)):
             if not value <= BUDGET_MS:
                 found.append(f"{name} p99 {value:.0f} ms")
@@ -318,6 +323,9 @@ def run_open_loop_step(
         achieved_rps=sum(o.ok for o in run.outcomes) / run.wall_seconds,
         requests=len(run.outcomes),
         failures=sum(not o.ok for o in run.outcomes),
+        failure_kinds=dict(
+            Counter(f"{o.route} {o.status}" for o in run.outcomes if not o.ok).most_common()
+        ),
         rank_p50_ms=percentile_ms(ranks, 50),
         rank_p99_ms=percentile_ms(ranks, 99),
         rank_p999_ms=percentile_ms(ranks, 99.9),
