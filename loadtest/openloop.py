@@ -33,6 +33,11 @@ BURST_WINDOW_S = 0.020
 LEAD_TIME_S = 0.2
 """Delay between scheduling and the first intended send, so the first request is not late."""
 
+KEEPALIVE_EXPIRY_S = 4.0
+"""Idle connections older than this are closed rather than reused: servers drop idle keep-alive
+connections (uvicorn after 5 s), and a request written into one the server is closing is lost
+through no fault of the request. Clients such as httpx expire them the same way."""
+
 
 # -- schedules ----------------------------------------------------------------------------
 
@@ -161,6 +166,7 @@ class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.idle_since = time.monotonic()
 
     async def exchange(self, wire: bytes) -> tuple[int, bytes, bool]:
         """(status, body, keep-alive) of one request on this connection."""
@@ -186,7 +192,13 @@ class _Connection:
 class OpenLoopClient:
     """Sends prepared requests at their intended times over a keep-alive connection pool."""
 
-    def __init__(self, url: str, max_connections: int = 256, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        max_connections: int = 256,
+        timeout: float = 10.0,
+        keepalive_expiry: float = KEEPALIVE_EXPIRY_S,
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme != "http" or parts.hostname is None:
             raise ValueError(f"only http://host:port URLs are supported, got {url!r}")
@@ -194,6 +206,7 @@ class OpenLoopClient:
         self.port = parts.port or 80
         self.max_connections = max_connections
         self.timeout = timeout
+        self.keepalive_expiry = keepalive_expiry
         self._idle: deque[_Connection] = deque()
         self._open = 0
         self._opened = 0
@@ -212,8 +225,12 @@ class OpenLoopClient:
     async def _acquire(self) -> _Connection:
         assert self._returned is not None
         while True:
-            if self._idle:
-                return self._idle.pop()  # most recently used first: warm sockets
+            while self._idle:
+                connection = self._idle.pop()  # most recently used first: warm sockets
+                if time.monotonic() - connection.idle_since < self.keepalive_expiry:
+                    return connection
+                connection.close()
+                self._open -= 1
             if self._open < self.max_connections:
                 return await self._connect()
             async with self._returned:
@@ -224,6 +241,7 @@ class OpenLoopClient:
         if connection is None:
             self._open -= 1
         else:
+            connection.idle_since = time.monotonic()
             self._idle.append(connection)
         async with self._returned:
             self._returned.notify()
@@ -297,11 +315,12 @@ def run_open_loop(
     warm_connections: int = 32,
     max_connections: int = 256,
     timeout: float = 10.0,
+    keepalive_expiry: float = KEEPALIVE_EXPIRY_S,
 ) -> RunResult:
     """Run one schedule in a fresh event loop (uvloop where installed) and return the outcomes."""
 
     async def main() -> RunResult:
-        client = OpenLoopClient(url, max_connections=max_connections, timeout=timeout)
+        client = OpenLoopClient(url, max_connections, timeout, keepalive_expiry)
         try:
             await client.warm(warm_connections)
             return await client.run(schedule, requests)

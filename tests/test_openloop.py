@@ -46,10 +46,10 @@ def test_constant_and_bunched_schedules_are_told_apart() -> None:
     seconds = 100.0
     # Float bin edges move the odd arrival to a neighbouring window: near 0, far below 1.
     assert dispersion_index(constant_schedule(100.0, seconds), 0.1, seconds) < 0.2
-    # The same mean rate released in bursts of 10 every 100 ms: heavily over-dispersed.
-    bursts = np.repeat(np.arange(0.0, seconds, 0.1), 10) + 1e-4 * np.tile(np.arange(10), 1000)
+    # The same mean rate released in bursts of 20 every 200 ms: heavily over-dispersed.
+    bursts = np.repeat(np.arange(0.0, seconds, 0.2), 20) + 1e-4 * np.tile(np.arange(20), 500)
     assert dispersion_index(bursts, 0.02, seconds) > 5
-    assert max_in_window(bursts) == 10
+    assert max_in_window(bursts) == 20
     assert max_in_window(bursts) > poisson_max_quantile(100.0, seconds, quantile=0.999)
 
 
@@ -75,6 +75,8 @@ def test_arrival_check_flags_bursts_only() -> None:
 
 
 STALL_SECONDS = 0.3
+SERVER_IDLE_SECONDS = 0.3
+"""The test server closes a keep-alive connection idle this long, as uvicorn does after 5 s."""
 
 
 @pytest.fixture
@@ -83,13 +85,16 @@ def stalling_server() -> Iterator[str]:
     thread) and stalls for STALL_SECONDS on the request whose body is b"stall"."""
     loop = asyncio.new_event_loop()
     lock = asyncio.Lock()
-    started = threading.Event()
-    port: list[int] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
+                try:
+                    head = await asyncio.wait_for(
+                        reader.readuntil(b"\r\n\r\n"), SERVER_IDLE_SECONDS
+                    )
+                except TimeoutError:
+                    return
                 length = next(
                     int(line.split(b":")[1])
                     for line in head.split(b"\r\n")
@@ -102,20 +107,27 @@ def stalling_server() -> Iterator[str]:
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                     await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
             writer.close()
 
-    async def serve() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port.append(server.sockets[0].getsockname()[1])
-        started.set()
-        async with server:
-            await server.serve_forever()
-
-    thread = threading.Thread(target=lambda: loop.run_until_complete(serve()), daemon=True)
+    server = loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    assert started.wait(5)
-    yield f"http://127.0.0.1:{port[0]}"
+    yield f"http://127.0.0.1:{port}"
+
+    async def shut_down() -> None:
+        server.close()
+        current = asyncio.current_task()
+        for task in asyncio.all_tasks():
+            if task is not current:
+                task.cancel()
+
+    asyncio.run_coroutine_threadsafe(shut_down(), loop).result(5)
     loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
 
 
 def test_latency_is_measured_from_the_intended_send(stalling_server: str) -> None:
@@ -139,3 +151,19 @@ def test_latency_is_measured_from_the_intended_send(stalling_server: str) -> Non
             assert outcome.latency >= stall_end - outcome.intended - 1e-3
     waited = [o.latency for o in result.outcomes[6:] if o.intended < stall_end - 0.1]
     assert waited and min(waited) > 0.1
+
+
+def test_idle_connections_are_expired_before_the_server_drops_them(stalling_server: str) -> None:
+    """Requests spaced wider than the server's idle timeout: reusing a connection the server
+    has closed would lose the request; expired connections are replaced, so none fails."""
+    schedule = np.array([0.0, 0.5, 1.0, 1.5])
+    requests = [prepare_post(stalling_server, "/x", b"go") for _ in schedule]
+    result = run_open_loop(
+        stalling_server, schedule, requests, warm_connections=2, keepalive_expiry=0.2
+    )
+    assert all(o.ok for o in result.outcomes)
+    assert result.connections >= 2  # the warm ones expired and new ones were opened
+    stale = run_open_loop(
+        stalling_server, schedule, requests, warm_connections=2, keepalive_expiry=60.0
+    )
+    assert not all(o.ok for o in stale.outcomes), "the server really drops idle connections"
