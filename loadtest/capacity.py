@@ -91,15 +91,28 @@ CONFIGS: dict[str, Config] = {
     for c in (
         Config(
             "baseline",
-            "the configuration before the capacity work: 1 worker, fp32, TorchScript",
-            {"IFA_WORKERS": "1", "IFA_PROGRAM_FORMAT": "torchscript", "IFA_PRECISION": "fp32"},
+            "the configuration before the capacity work: 1 worker, fp32, TorchScript, a "
+            "model thread",
+            {
+                "IFA_WORKERS": "1",
+                "IFA_PROGRAM_FORMAT": "torchscript",
+                "IFA_PRECISION": "fp32",
+                "IFA_MODEL_EXECUTION": "thread",
+            },
             (40, 80, 100, 120, 140, 160),
         ),
         Config(
             "defaults",
-            "the service's defaults: one worker per CPU, program format auto, fp32",
+            "the service's defaults: one worker per CPU, program format auto, fp32, the "
+            "scorer inline on each worker's event loop",
             {},
-            (100, 150, 200, 225, 250, 275, 300, 350),
+            (100, 150, 200, 225, 250, 275, 300),
+        ),
+        Config(
+            "threaded",
+            "the defaults with a model thread per worker (model_execution=thread)",
+            {"IFA_MODEL_EXECUTION": "thread"},
+            (100, 125, 150, 200),
         ),
         Config(
             "bf16",

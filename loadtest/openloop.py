@@ -33,6 +33,9 @@ BURST_WINDOW_S = 0.020
 LEAD_TIME_S = 0.2
 """Delay between scheduling and the first intended send, so the first request is not late."""
 
+WARM_GAP_S = 0.002
+"""Pause between the warm-up connects (:meth:`OpenLoopClient.warm`)."""
+
 KEEPALIVE_EXPIRY_S = 4.0
 """Idle connections older than this are closed rather than reused: servers drop idle keep-alive
 connections (uvicorn after 5 s), and a request written into one the server is closing is lost
@@ -226,7 +229,11 @@ class OpenLoopClient:
         assert self._returned is not None
         while True:
             while self._idle:
-                connection = self._idle.pop()  # most recently used first: warm sockets
+                # Least recently used first: every connection carries its share of the load,
+                # so a server's workers see the requests of every connection they accepted
+                # (most recently used first piles the load onto a few connections, and so onto
+                # whichever worker happened to accept them).
+                connection = self._idle.popleft()
                 if time.monotonic() - connection.idle_since < self.keepalive_expiry:
                     return connection
                 connection.close()
@@ -270,10 +277,14 @@ class OpenLoopClient:
         return Outcome(request.route, intended, sent, done, status, ok)
 
     async def warm(self, connections: int) -> None:
-        """Open ``connections`` keep-alive connections before the clock starts."""
+        """Open ``connections`` keep-alive connections before the clock starts, one at a time
+        as independent clients would: a server whose workers share one listening socket lets
+        the first worker to wake accept every connection already waiting, so a simultaneous
+        burst of connects would all land on one worker."""
         self._returned = self._returned or asyncio.Condition()
-        opened = await asyncio.gather(*(self._connect() for _ in range(connections)))
-        self._idle.extend(opened)
+        for _ in range(connections):
+            self._idle.append(await self._connect())
+            await asyncio.sleep(WARM_GAP_S)
 
     async def run(self, schedule: np.ndarray, requests: Sequence[PreparedRequest]) -> RunResult:
         """Send ``requests[i]`` at ``schedule[i]`` s after the start; wait for every answer."""

@@ -1,9 +1,18 @@
-"""The worker's model thread behind a bounded, measured queue.
+"""Where a worker runs its torch work: inline on the event loop, or on its model thread behind a
+bounded, measured queue.
 
-Torch work (encode, fold, score) runs on one thread per worker process, off the event loop. A
-burst of requests then queues there; the queue is bounded so that a worker sheds load (503 with
-Retry-After, :class:`service.errors.Overloaded`) instead of making every request wait behind a
-backlog it cannot clear, and each job's wait is measured (the ``model_queue`` stage).
+Inline (the default, ``model_execution=inline``) runs the scorer and folds, a few milliseconds
+each and bounded by the candidate cap and the history window, directly on the event loop: one
+busy thread per worker, so N workers on N cores never oversubscribe them, and no job pays for a
+thread hand-off and the GIL. Measured in results/capacity.md, this is what lets two workers on
+two cores hold the 50 ms p99 at twice the single worker's rate; with a model thread per worker,
+four busy threads shared two cores and the tail grew from the waits between them.
+
+Whole-history encodes (a cache miss, time growing with the history) always go to the model
+thread, so one cold user cannot stall the loop; ``model_execution=thread`` sends every job
+there. The queue is bounded so that a worker sheds load (503 with Retry-After,
+:class:`service.errors.Overloaded`) instead of making every request wait behind a backlog it
+cannot clear, and each job's wait is measured (the ``model_queue`` stage).
 """
 
 from __future__ import annotations
@@ -24,11 +33,13 @@ class ModelQueue:
         self,
         executor: ThreadPoolExecutor,
         limit: int,
+        inline: bool = True,
         on_wait: Callable[[float], None] = lambda seconds: None,
         on_depth: Callable[[int], None] = lambda depth: None,
     ) -> None:
         self.executor = executor
         self.limit = limit
+        self.inline = inline
         self._on_wait = on_wait
         self._on_depth = on_depth
         self._pending = 0
@@ -38,9 +49,13 @@ class ModelQueue:
     def pending(self) -> int:
         return self._pending
 
-    async def run(self, job: Callable[[], T]) -> T:
-        """Run ``job`` on the model thread; raise :class:`Overloaded` when ``limit`` jobs are
-        already pending, so the caller's request is shed before it queues."""
+    async def run(self, job: Callable[[], T], long: bool = False) -> T:
+        """Run ``job``: inline where this queue runs jobs inline and the job is not ``long``
+        (its time grows with the history), otherwise on the model thread, raising
+        :class:`Overloaded` when ``limit`` jobs are already pending there, so the caller's
+        request is shed before it queues."""
+        if self.inline and not long:
+            return job()
         if self._pending >= self.limit:
             raise Overloaded(
                 f"model queue full ({self.limit} jobs pending in this worker); retry shortly"

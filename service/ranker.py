@@ -190,7 +190,7 @@ class Ranker:
         log = await self.store.read_events(user_id, 0)
         self.metrics.observe_stage("state_fetch", time.perf_counter() - started)
         started = time.perf_counter()
-        state = await self._model(lambda: self.runtime.encode_history(log))
+        state = await self._model(lambda: self.runtime.encode_history(log), long=True)
         self.metrics.observe_stage("encode", time.perf_counter() - started)
         return state
 
@@ -231,8 +231,8 @@ class Ranker:
             # A lost write only costs a recomputation later (DESIGN §2); the request goes on.
             logger.warning("state write-back failed: %s", error)
 
-    async def _model(self, job: Callable[[], T]) -> T:
+    async def _model(self, job: Callable[[], T], long: bool = False) -> T:
         try:
-            return await self.runtime.run(job)
+            return await self.runtime.run(job, long)
         except Exception as error:
             raise ModelError(str(error)) from error

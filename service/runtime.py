@@ -64,10 +64,11 @@ class ModelRuntime:
                 f"manifest has {len(self.decay_rates)} decay rates for {self.heads} heads"
             )
 
-    async def run(self, job: Callable[[], T]) -> T:
-        """Run torch work on the model thread, off the event loop (raises
-        :class:`service.errors.Overloaded` when the worker's model queue is full)."""
-        return await self.queue.run(job)
+    async def run(self, job: Callable[[], T], long: bool = False) -> T:
+        """Run torch work where the model queue says: inline, or on the model thread for
+        ``long`` jobs and in thread mode (raises :class:`service.errors.Overloaded` when the
+        worker's model queue is full)."""
+        return await self.queue.run(job, long)
 
     def empty_state(self) -> UserState:
         return empty_state(self.heads, self.key_dim, self.value_dim)

@@ -110,6 +110,13 @@ class Settings(BaseSettings):
         default="info", description="Log level of the service and uvicorn."
     )
     access_log: bool = Field(default=False, description="Let uvicorn log every request.")
+    model_execution: Literal["inline", "thread"] = Field(
+        default="inline",
+        description="Where a worker runs the scorer and folds: inline on its event loop (one "
+        "busy thread per worker, so workers = cores never oversubscribe the CPUs), or on its "
+        "model thread. Whole-history encodes always run on the model thread. Measured in "
+        "results/capacity.md.",
+    )
     model_queue_limit: int = Field(
         default=32,
         ge=1,
