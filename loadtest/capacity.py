@@ -72,6 +72,8 @@ REDIS_PREFIX = "ifa"
 LOCUST_USER_RPS = 2.0
 """Tasks/s of one Locust user: offered load = users × this, so each user's slack (500 ms) stays
 far above any latency that matters."""
+SETTLE_SECONDS = 2.0
+"""Pause after each step, so the service has drained before the next one starts."""
 GENERATOR_LAG_LIMIT_MS = 5.0
 """A step whose generator sent its p99 request later than this was limited by the generator."""
 GENERATOR_CPU_LIMIT = 0.8
@@ -290,6 +292,12 @@ class OpenLoopStep:
     load_average: float
 
     @property
+    def foreign_arrivals(self) -> int:
+        """Requests the service logged in the step's window beyond those this step sent: any
+        is traffic from elsewhere (a straggling generator), and the step measured it too."""
+        return max(0, self.arrivals.arrivals - self.requests)
+
+    @property
     def generator_limited(self) -> bool:
         return (
             self.generator_lag_p99_ms > GENERATOR_LAG_LIMIT_MS
@@ -464,8 +472,8 @@ def run_curve(
             f"{step.events_p99_ms:5.1f}  failures {step.failures}  generator lag p99 "
             f"{step.generator_lag_p99_ms:.1f} ms CPU {step.generator_cpu_percent:.0f} %  "
             f"max/20ms offered {arrivals.intended_max} server {arrivals.observed_max} "
-            f"(Poisson q99.9 {arrivals.poisson_q999:.0f})  service CPU "
-            f"{step.server.cpu_percent:.0f} %",
+            f"(Poisson q99.9 {arrivals.poisson_q999:.0f}), {arrivals.arrivals} arrivals for "
+            f"{step.requests} sent  service CPU {step.server.cpu_percent:.0f} %",
             flush=True,
         )
         if args.locust:
@@ -485,6 +493,7 @@ def run_curve(
                 f"server {result.arrivals.observed_max}",
                 flush=True,
             )
+        time.sleep(SETTLE_SECONDS)
         failing = 0 if step.passed else failing + 1
         if failing >= args.max_failing_steps:
             break
@@ -546,6 +555,8 @@ def step_cells(step: OpenLoopStep, locust: LocustStep | None) -> list[object]:
     verdict = "yes" if step.passed else "no: " + ", ".join(step.violations)
     if step.generator_limited:
         verdict += " (generator-limited)"
+    if step.foreign_arrivals:
+        verdict += f" ({step.foreign_arrivals} requests from elsewhere arrived)"
     cells: list[object] = [
         f"{step.offered_rps:g}",
         f"{step.achieved_rps:.1f}",

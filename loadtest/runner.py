@@ -18,8 +18,10 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -182,23 +184,47 @@ def run_locust(options: LoadOptions) -> Summary:
     # The locustfile imports loadtest.traffic, so the repository root must be importable.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     with log_path.open("w") as log:
-        completed = subprocess.run(
+        # A session of its own: with --processes, Locust's forked workers can outlive the
+        # master by a few seconds and keep sending, which would leak load into whatever is
+        # measured next; the whole group is ended once the master is done.
+        process = subprocess.Popen(
             command,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
             cwd=REPO_ROOT,
-            timeout=options.run_time_s + 60,
-            check=False,
+            start_new_session=True,
         )
+        try:
+            process.wait(timeout=options.run_time_s + 60)
+        finally:
+            end_process_group(process)
     try:
         groups, aggregated = read_stats(options.csv_prefix)
     except (OSError, ValueError) as error:
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(
-            f"Locust (exit {completed.returncode}) wrote no statistics: {error}\n{tail}"
+            f"Locust (exit {process.returncode}) wrote no statistics: {error}\n{tail}"
         ) from error
     return Summary(groups, aggregated)
+
+
+def end_process_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM every process left in ``process``'s group, then SIGKILL what is still there."""
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+    if process.poll() is None:
+        process.wait(5)
 
 
 def to_markdown(summary: Summary, options: LoadOptions) -> str:
