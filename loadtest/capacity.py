@@ -15,8 +15,9 @@ On this machine, bounded in time, all traffic to 127.0.0.1:
    advance, latency from the intended send (wrk2's rule). The service's arrival log checks that
    what arrived was what was offered (the most arrivals in 20 ms against a Poisson stream's), and
    the generator's own lag and CPU share say whether it, not the service, was the limit;
-4. the same rate is then offered by Locust (``loadtest/locustfile.py`` as shipped), so the table
-   shows what a Locust user would conclude from the same step, and its arrivals are checked too.
+4. once the configuration's open-loop curve is done, each of its rates is offered again by
+   Locust (``loadtest/locustfile.py`` as shipped), so the table shows what a Locust user would
+   conclude from the same step; its arrivals are checked too.
 
 A step passes when /rank and /events p99 are within the budget and nothing failed; a
 configuration's capacity is its highest passing offered rate. Writes ``<out>.md``,
@@ -476,27 +477,25 @@ def run_curve(
             f"{step.requests} sent  service CPU {step.server.cpu_percent:.0f} %",
             flush=True,
         )
-        if args.locust:
-            result = run_locust_step(
-                service,
-                arrival_dir,
-                traffic_config,
-                rate,
-                int(args.step_seconds),
-                work / f"locust-{config.name}-{rate:g}rps",
-                args.locust_processes,
-            )
-            locust.append(result)
-            print(
-                f"[{config.name}]   Locust at {rate:5.0f}/s: /rank p50 {result.rank_p50_ms:g} "
-                f"p99 {result.rank_p99_ms:g} ms, failures {result.failures}, max/20ms at the "
-                f"server {result.arrivals.observed_max}",
-                flush=True,
-            )
         time.sleep(SETTLE_SECONDS)
         failing = 0 if step.passed else failing + 1
         if failing >= args.max_failing_steps:
             break
+    # Locust after the whole open-loop curve, at the same rates: its bursts and the events it
+    # posts then cannot leak into an open-loop step.
+    for step in steps if args.locust else []:
+        result = run_locust_step(
+            service, arrival_dir, traffic_config, step.offered_rps, int(args.step_seconds),
+            work / f"locust-{config.name}-{step.offered_rps:g}rps", args.locust_processes,
+        )  # fmt: skip
+        locust.append(result)
+        print(
+            f"[{config.name}] Locust at {step.offered_rps:5.0f}/s: /rank p50 "
+            f"{result.rank_p50_ms:g} p99 {result.rank_p99_ms:g} ms, failures {result.failures}, "
+            f"max/20ms at the server {result.arrivals.observed_max}",
+            flush=True,
+        )
+        time.sleep(SETTLE_SECONDS)
     return Curve(config, steps, locust, str(service.log))
 
 
