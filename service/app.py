@@ -16,6 +16,7 @@ import torch
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from service.admission import AdmissionMiddleware
 from service.api import events, health, info, rank
 from service.api.deps import Services
 from service.errors import install_error_handlers
@@ -32,6 +33,9 @@ from service.stores.instrumented import InstrumentedStore
 from service.stores.records import EventLog
 
 logger = logging.getLogger("service")
+
+SHUTDOWN_DRAIN_SECONDS = 2.0
+"""How long shutdown waits for background state write-backs before closing the store."""
 
 WARMUP_CANDIDATES = (1, 100, 1000)
 """Candidate-set sizes scored once at start, so the first requests do not pay for program
@@ -50,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             app.state.services = None
+            await services.ranker.drain(SHUTDOWN_DRAIN_SECONDS)
             await services.store.close()
             services.runtime.executor.shutdown(wait=True)
 
@@ -62,8 +67,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.services = None
+    # Added last = outermost: the metrics middleware also counts what admission refuses.
+    app.add_middleware(
+        AdmissionMiddleware,
+        metrics=metrics,
+        max_inflight=settings.max_inflight,
+        max_body_bytes=settings.max_body_bytes,
+        retry_after_seconds=settings.retry_after_seconds,
+    )
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
-    install_error_handlers(app, metrics)
+    install_error_handlers(app, metrics, settings.retry_after_seconds)
     for module in (rank, events, health, info):
         app.include_router(module.router)
     _document_runtime_limits(app, settings)
@@ -88,7 +101,8 @@ async def start(settings: Settings, metrics: Metrics) -> Services:
             executor, load_runtime, settings.model_dir, settings.program_format, executor
         )
         await loop.run_in_executor(executor, warm_up, runtime)
-        store = InstrumentedStore(open_store(settings), metrics)
+        max_history = settings.resolved_max_history(runtime.trained_max_history)
+        store = InstrumentedStore(open_store(settings, max_history), metrics)
         if settings.seed_world is not None:
             histories = await loop.run_in_executor(
                 None, load_seed, settings.seed_world, runtime.actions, runtime.spec.user_names
@@ -105,11 +119,20 @@ async def start(settings: Settings, metrics: Metrics) -> Services:
         raise
     metrics.model_info.labels(version=runtime.version).set(1)
     ranker = Ranker(
-        runtime, store, metrics, settings.state_ttl_seconds, state_cache=settings.state_cache
+        runtime,
+        store,
+        metrics,
+        settings.state_ttl_seconds,
+        state_cache=settings.state_cache,
+        max_history=max_history,
+        state_budget_seconds=settings.request_budget_seconds * settings.state_fetch_share,
+        local_states=settings.local_states,
     )
     logger.info(
-        "serving %s (%s) from %s", runtime.version, settings.program_format, settings.model_dir
-    )
+        "serving %s (%s, states %s, history cap %d) from %s",
+        runtime.version, settings.program_format, runtime.state_version, max_history,
+        settings.model_dir,
+    )  # fmt: skip
     return Services(settings, metrics, runtime, store, ranker)
 
 
@@ -121,6 +144,7 @@ def warm_up(runtime: ModelRuntime) -> None:
         actions=np.zeros(16, dtype=np.int64),
         timestamps=np.sort(rng.uniform(1.7e9, 1.7e9 + 1e5, 16)),
         end=16,
+        positions=np.arange(16),
     )
     state = runtime.encode_history(log)
     user = runtime.user_row(0, {})

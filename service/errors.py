@@ -2,9 +2,13 @@
 
 * validation (422, or 400 for a body that is not JSON): ``{"detail": [{loc, field, msg, type}]}``
   where ``msg`` starts with the field it is about, e.g. ``candidate_ids[3]: Input should be ...``;
-* store unreachable, or the model not loaded yet: 503 ``{"detail": "..."}``;
-* a model failure or anything unexpected: 500 ``{"detail": "..."}``, with the cause in the log
-  and never in the body.
+* store unreachable, the worker overloaded, the request budget spent, or the model not loaded
+  yet: 503 ``{"detail": "..."}`` with ``Retry-After``;
+* /events without the bearer token it requires: 401 with ``WWW-Authenticate: Bearer``;
+* a model failure or anything unexpected: 500 ``{"detail": "..."}``.
+
+Bodies never carry internal exception text (a Redis error names hosts and commands): the cause
+goes to the log.
 """
 
 from __future__ import annotations
@@ -32,8 +36,32 @@ class NotReady(RuntimeError):
     """A request arrived before the lifespan loaded the model (or after it shut down)."""
 
 
-def json_response(content: Any, status_code: int = 200) -> Response:
-    return Response(orjson.dumps(content), status_code=status_code, media_type="application/json")
+class Overloaded(RuntimeError):
+    """This worker cannot take the request now (in-flight limit, a full queue, the request
+    budget spent): a 503 with Retry-After, so that the client retries, elsewhere or later.
+
+    The message is public: it is the body's detail, so it must not carry internal text.
+    """
+
+
+class Unauthorized(RuntimeError):
+    """The route requires the bearer token and the request did not carry it."""
+
+
+def json_response(
+    content: Any, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        orjson.dumps(content),
+        status_code=status_code,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def unavailable(detail: str, retry_after_seconds: int) -> Response:
+    """A 503 that tells the client when to retry."""
+    return json_response({"detail": detail}, 503, headers={"retry-after": str(retry_after_seconds)})
 
 
 def field_path(loc: Sequence[str | int]) -> str:
@@ -77,7 +105,7 @@ def _issue(error: dict[str, Any]) -> dict[str, Any]:
     return {"loc": loc, "field": path, "msg": f"{path}: {msg}", "type": kind}
 
 
-def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+def install_error_handlers(app: FastAPI, metrics: Metrics, retry_after_seconds: int = 1) -> None:
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         metrics.errors.labels(kind="validation").inc()
@@ -96,10 +124,20 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def on_store_error(request: Request, exc: Exception) -> Response:
         metrics.errors.labels(kind="store").inc()
         logger.warning("store error on %s: %s", request.url.path, exc)
-        return json_response({"detail": f"state store unavailable: {exc}"}, status_code=503)
+        return unavailable("state store unavailable; retry later", retry_after_seconds)
 
     async def on_not_ready(request: Request, exc: Exception) -> Response:
-        return json_response({"detail": str(exc)}, status_code=503)
+        return unavailable(str(exc), retry_after_seconds)
+
+    async def on_overloaded(request: Request, exc: Exception) -> Response:
+        metrics.errors.labels(kind="overloaded").inc()
+        return unavailable(str(exc), retry_after_seconds)
+
+    async def on_unauthorized(request: Request, exc: Exception) -> Response:
+        metrics.errors.labels(kind="unauthorized").inc()
+        return json_response(
+            {"detail": str(exc)}, 401, headers={"www-authenticate": 'Bearer realm="ifa"'}
+        )
 
     async def on_model_error(request: Request, exc: Exception) -> Response:
         metrics.errors.labels(kind="model").inc()
@@ -114,5 +152,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StoreError, on_store_error)
     app.add_exception_handler(NotReady, on_not_ready)
+    app.add_exception_handler(Overloaded, on_overloaded)
+    app.add_exception_handler(Unauthorized, on_unauthorized)
     app.add_exception_handler(ModelError, on_model_error)
     app.add_exception_handler(Exception, on_unexpected)

@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,7 +22,7 @@ import torch
 from model.artifact import ServingModel, load_artifact
 from model.catalogue import Catalogue
 from model.features import FeatureSpec
-from service.state import UserState, advance, empty_state, fold, fold_reference_time
+from service.state import UserState, advance, empty_state, fold, fold_reference_time, unfold
 from service.stores.records import EventLog
 
 T = TypeVar("T")
@@ -51,6 +51,9 @@ class ModelRuntime:
         self.catalogue: Catalogue = model.catalogue
         self.executor = executor
         self.version: str = str(manifest.version)
+        self.state_version: str = str(manifest.state_version or manifest.version)
+        """What cached states are keyed by: changes with the encoder and the catalogue only."""
+        self.trained_max_history: int | None = manifest.max_history
         self.spec: FeatureSpec = model.spec
         self.actions: tuple[str, ...] = tuple(manifest.actions)
         self.objectives: tuple[str, ...] = tuple(manifest.objectives)
@@ -96,14 +99,15 @@ class ModelRuntime:
 
     # -- torch work (executor only) ----------------------------------------------------------
 
-    def encode_history(self, log: EventLog) -> UserState:
-        """The state of a whole log, from scratch, referenced to its newest event."""
-        return self.fold_events(self.empty_state(), log)
+    def encode_history(self, log: EventLog, start: int = 0) -> UserState:
+        """The state of a log's window [start, log.end), from scratch, referenced to its newest
+        event (``log`` holds those events)."""
+        return self.fold_events(replace(self.empty_state(), start=start, cursor=start), log)
 
     def fold_events(self, state: UserState, log: EventLog) -> UserState:
         """The state with the events of ``log`` added; its cursor becomes ``log.end``."""
         if len(log) == 0:
-            return UserState(state.s, state.z, log.end, state.reference_time)
+            return replace(state, cursor=log.end)
         reference = fold_reference_time(state, log.timestamps)
         with torch.inference_mode():
             # The loader encodes very long histories in chunks, so memory stays bounded.
@@ -113,6 +117,20 @@ class ModelRuntime:
                 reference,
             )
         return fold(state, (s.float(), z.float()), reference, log.end, self.decay_rates)
+
+    def unfold_events(self, state: UserState, evicted: EventLog, start: int) -> UserState:
+        """The state with the events of ``evicted`` (all in it) taken out; its window then starts
+        at ``start``. Each is encoded relative to the state's reference time, so it is removed
+        with exactly the decay weight it has in the state."""
+        if len(evicted) == 0:
+            return replace(state, start=start)
+        with torch.inference_mode():
+            s, z = self.model.encode(
+                torch.from_numpy(self.event_rows(evicted)),
+                torch.from_numpy(np.ascontiguousarray(evicted.timestamps)),
+                state.reference_time,
+            )
+        return unfold(state, (s.float(), z.float()), start)
 
     def score(
         self,

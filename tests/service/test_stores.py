@@ -154,7 +154,7 @@ async def test_redis_keys_share_the_users_hash_tag(redis_url: str, redis_prefix:
     client = redis_sync.Redis.from_url(redis_url)
     keys = sorted(k.decode() for k in client.scan_iter(match=f"{redis_prefix}:*"))
     assert keys == [
-        f"{redis_prefix}:{{u:77}}:{part}" for part in ("ids", "log", "profile", "state:v9")
+        f"{redis_prefix}:{{u:77}}:{part}" for part in ("eids", "log", "profile", "state:v9")
     ]
     assert 0 < client.ttl(f"{redis_prefix}:{{u:77}}:state:v9") <= TTL
     client.close()
