@@ -236,7 +236,7 @@ async def test_the_served_score_equals_the_training_forward_on_the_window(
     actions = np.array([ACTIONS.index(e["action"]) for e in window], dtype=np.int64)
     events = spec.event_rows(item_rows, actions, times)
     candidate_rows, _ = catalogue.rows(np.array(candidates, dtype=np.int64))
-    batch = Batch(
+    inputs = Batch(
         user=torch.from_numpy(spec.user_rows({"user_id": np.array([user])})),
         candidates=torch.from_numpy(candidate_rows)[None],
         candidate_mask=torch.ones(1, len(candidates), dtype=torch.bool),
@@ -246,7 +246,7 @@ async def test_the_served_score_equals_the_training_forward_on_the_window(
         request_time=torch.tensor([REQUEST_TIME], dtype=torch.float64),
     )
     with torch.no_grad():
-        probabilities = torch.sigmoid(net(batch))[0].numpy()
+        probabilities = torch.sigmoid(net(inputs))[0].numpy()
     served = {item["item_id"]: item for item in body["items"]}
     for i, item_id in enumerate(candidates):
         got = [served[item_id]["probabilities"][name] for name in ACTIONS]
