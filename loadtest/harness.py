@@ -161,6 +161,7 @@ def redis_process(
 ) -> Iterator[RedisProcess]:
     """A private redis-server on a free port (AOF with ``appendfsync`` when ``aof``); stopped on
     exit whatever state the test left it in."""
+    directory.mkdir(parents=True, exist_ok=True)
     server = RedisProcess(directory, free_port(), aof, appendfsync)
     server.start()
     try:

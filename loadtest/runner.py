@@ -43,6 +43,8 @@ class LoadOptions:
     traffic: TrafficConfig = field(default_factory=TrafficConfig)
     reset_stats: bool = False
     """Drop what was measured while users were still spawning (capacity steps use this)."""
+    record_dir: Path | None = None
+    """Where the locustfile writes every request (``IFA_LOADTEST_RECORD_DIR``); None: nowhere."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,8 @@ def run_locust(options: LoadOptions) -> Summary:
     if options.reset_stats:
         command.append("--reset-stats")
     env = os.environ | options.traffic.to_env()
+    if options.record_dir is not None:
+        env["IFA_LOADTEST_RECORD_DIR"] = str(options.record_dir)
     # The locustfile imports loadtest.traffic, so the repository root must be importable.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     with log_path.open("w") as log:
