@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from service.metrics import Metrics
@@ -121,6 +122,22 @@ def install_error_handlers(app: FastAPI, metrics: Metrics, retry_after_seconds: 
         malformed = any(i["type"] == "json_invalid" for i in issues)
         return json_response({"detail": issues}, status_code=400 if malformed else 422)
 
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 400:
+            # FastAPI's own 400 for a body it cannot even decode (bytes that are not UTF-8): the
+            # same shape as every other malformed body.
+            metrics.errors.labels(kind="validation").inc()
+            issue = {
+                "loc": ["body"],
+                "field": "body",
+                "msg": "body: not valid JSON (the bytes do not decode as UTF-8 text)",
+                "type": "json_invalid",
+            }
+            return json_response({"detail": [issue]}, status_code=400)
+        headers = dict(exc.headers) if exc.headers else None
+        return json_response({"detail": exc.detail}, exc.status_code, headers=headers)
+
     async def on_store_error(request: Request, exc: Exception) -> Response:
         metrics.errors.labels(kind="store").inc()
         logger.warning("store error on %s: %s", request.url.path, exc)
@@ -150,6 +167,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics, retry_after_seconds: 
         return json_response({"detail": "internal error"}, status_code=500)
 
     app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(StoreError, on_store_error)
     app.add_exception_handler(NotReady, on_not_ready)
     app.add_exception_handler(Overloaded, on_overloaded)

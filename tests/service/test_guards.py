@@ -231,3 +231,13 @@ async def test_the_schema_documents_the_refusals(artifact_dir: Path) -> None:
             responses = schema["paths"][route]["post"]["responses"]
             assert {"413", "503"} <= set(responses)
         assert "401" in schema["paths"]["/events"]["post"]["responses"]
+
+
+async def test_a_body_that_is_not_utf8_is_a_400_in_the_validation_shape(artifact_dir: Path) -> None:
+    """Found by the schema fuzzer: FastAPI's own 400 had another body shape than documented."""
+    async with service_client(make_settings(artifact_dir)) as client:
+        response = await client.post(
+            "/rank", content=b"\xff\xfe{", headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400
+        assert response.json()["detail"][0]["field"] == "body"
