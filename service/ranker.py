@@ -53,6 +53,9 @@ MAX_PENDING_WRITE_BACKS = 256
 a lost write-back only costs a recomputation later."""
 
 
+DEGRADED_LOG_INTERVAL_SECONDS = 10.0
+
+
 @dataclass(frozen=True)
 class RankResult:
     item_ids: np.ndarray  # (M,) int64, as requested
@@ -113,6 +116,7 @@ class Ranker:
         self.local = LocalStates(local_states)
         self._inflight: dict[int, asyncio.Future[UserState]] = {}
         self._write_backs: set[asyncio.Task[None]] = set()
+        self._degraded_logged_at = -DEGRADED_LOG_INTERVAL_SECONDS
 
     async def rank(
         self,
@@ -213,7 +217,11 @@ class Ranker:
                 )
                 current = await self._current_state(user_id, snapshot)
         except (StoreError, TimeoutError) as error:
-            logger.warning("answering degraded: %s", error or "state budget spent")
+            now = time.monotonic()
+            if now - self._degraded_logged_at >= DEGRADED_LOG_INTERVAL_SECONDS:
+                # Once in a while, not per request: an outage must not flood the log.
+                self._degraded_logged_at = now
+                logger.warning("answering degraded: %s", error or "state budget spent")
             recent = self.local.get(user_id)
             if recent is not None:
                 return CurrentState(recent[0], "degraded", write=False), recent[1]
