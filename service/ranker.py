@@ -55,6 +55,12 @@ a lost write-back only costs a recomputation later."""
 
 DEGRADED_LOG_INTERVAL_SECONDS = 10.0
 
+REENCODE_AFTER_WINDOWS = 4
+"""A state that has folded out this many windows' worth of events since its last encoding from
+scratch is encoded from scratch again (outcome miss): float32 rounding of the folds would
+otherwise accumulate without bound for a user who stays active; this bounds it at a cost of one
+window encoding per 4 · max_history events."""
+
 
 @dataclass(frozen=True)
 class RankResult:
@@ -243,6 +249,10 @@ class Ranker:
         state, repair = self._decode(snapshot)
         if state is not None and state.start == window_start and state.cursor == end:
             return CurrentState(state, "hit", write=False)
+        if state is not None and window_start - state.anchor >= (
+            REENCODE_AFTER_WINDOWS * self.max_history
+        ):
+            state = None  # not wrong, only due for a fresh encoding
         if state is not None:
             try:
                 folded = await self._refold(user_id, state, window_start)

@@ -102,7 +102,8 @@ class ModelRuntime:
     def encode_history(self, log: EventLog, start: int = 0) -> UserState:
         """The state of a log's window [start, log.end), from scratch, referenced to its newest
         event (``log`` holds those events)."""
-        return self.fold_events(replace(self.empty_state(), start=start, cursor=start), log)
+        empty = replace(self.empty_state(), start=start, cursor=start, anchor=start)
+        return self.fold_events(empty, log)
 
     def fold_events(self, state: UserState, log: EventLog) -> UserState:
         """The state with the events of ``log`` added; its cursor becomes ``log.end``."""

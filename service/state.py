@@ -12,9 +12,14 @@ A state is (S (H, dk, dv), z (H, dk)) discounted to ``reference_time``, plus the
 * an event that leaves the window is folded out: its contribution, encoded relative to the
   state's reference time, is subtracted (the reference time stays; it only moves forward).
 
-Wire format, little-endian: cursor int64, start int64, reference_time float64, magic b"IFS2",
-H, dk, dv uint16, 2 pad bytes, then S and z as float32 (float16 would break the 1e-5 consistency
-the service promises). H = 4, dk = dv = 16 gives 40 + 4·(1024 + 64) = 4392 bytes.
+Every fold-in and fold-out rounds in float32, so a state that only ever folds drifts slowly
+from its window's exact state; ``anchor`` (the window start of its last encoding from scratch)
+lets the ranker re-encode it now and then (:data:`service.ranker.REENCODE_AFTER_WINDOWS`).
+
+Wire format, little-endian: cursor int64, start int64, anchor int64, reference_time float64,
+magic b"IFS2", H, dk, dv uint16, 2 pad bytes, then S and z as float32 (float16 would break the
+1e-5 consistency the service promises). H = 4, dk = dv = 16 gives 48 + 4·(1024 + 64) = 4400
+bytes.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch import Tensor
 
 from model.linear_attention import advance_state, fold_in, fold_out
 
-_HEADER = struct.Struct("<qqd4sHHH2x")
+_HEADER = struct.Struct("<qqqd4sHHH2x")
 _MAGIC = b"IFS2"
 
 
@@ -50,6 +55,8 @@ class UserState:
     """Unix seconds the decay weights are relative to (the newest folded event)."""
     start: int = 0
     """First log position of the window the state covers; events before it were folded out."""
+    anchor: int = 0
+    """Window start when the state was last encoded from scratch (folds since then add error)."""
 
 
 def empty_state(heads: int, key_dim: int, value_dim: int) -> UserState:
@@ -63,7 +70,9 @@ def empty_state(heads: int, key_dim: int, value_dim: int) -> UserState:
 
 def encode_state(state: UserState) -> bytes:
     h, dk, dv = state.s.shape
-    header = _HEADER.pack(state.cursor, state.start, state.reference_time, _MAGIC, h, dk, dv)
+    header = _HEADER.pack(
+        state.cursor, state.start, state.anchor, state.reference_time, _MAGIC, h, dk, dv
+    )
     s = state.s.detach().to(torch.float32).contiguous().numpy().astype("<f4", copy=False)
     z = state.z.detach().to(torch.float32).contiguous().numpy().astype("<f4", copy=False)
     return header + s.tobytes() + z.tobytes()
@@ -71,10 +80,10 @@ def encode_state(state: UserState) -> bytes:
 
 def decode_state(blob: bytes, heads: int, key_dim: int, value_dim: int) -> UserState:
     """Parse a blob; raises :class:`StateFormatError` unless it is a well-formed state of exactly
-    these dimensions: finite values, 0 ≤ start ≤ cursor, a finite reference time."""
+    these dimensions: finite values, 0 ≤ anchor ≤ start ≤ cursor, a finite reference time."""
     if len(blob) < _HEADER.size:
         raise StateFormatError(f"state blob of {len(blob)} bytes is shorter than its header")
-    cursor, start, reference_time, magic, h, dk, dv = _HEADER.unpack_from(blob)
+    cursor, start, anchor, reference_time, magic, h, dk, dv = _HEADER.unpack_from(blob)
     if magic != _MAGIC or (h, dk, dv) != (heads, key_dim, value_dim):
         raise StateFormatError(
             f"state blob {magic!r} of shape {(h, dk, dv)}; expected {(heads, key_dim, value_dim)}"
@@ -82,8 +91,8 @@ def decode_state(blob: bytes, heads: int, key_dim: int, value_dim: int) -> UserS
     n_s, n_z = h * dk * dv, h * dk
     if len(blob) != _HEADER.size + 4 * (n_s + n_z):
         raise StateFormatError(f"state blob of {len(blob)} bytes has the wrong length")
-    if not 0 <= start <= cursor:
-        raise StateFormatError(f"state window [{start}, {cursor}) is not a window")
+    if not 0 <= anchor <= start <= cursor:
+        raise StateFormatError(f"state window [{start}, {cursor}) from {anchor} is not a window")
     values = np.frombuffer(blob, dtype="<f4", offset=_HEADER.size).astype(np.float32)
     if not (np.isfinite(values).all() and np.isfinite(reference_time)):
         raise NonFiniteState("state holds non-finite values")
@@ -93,6 +102,7 @@ def decode_state(blob: bytes, heads: int, key_dim: int, value_dim: int) -> UserS
         cursor=int(cursor),
         reference_time=float(reference_time),
         start=int(start),
+        anchor=int(anchor),
     )
 
 

@@ -17,6 +17,7 @@ from model.batch import Batch
 from model.catalogue import Catalogue
 from model.checkpoint import load_checkpoint
 from service.api.deps import Services
+from service.ranker import REENCODE_AFTER_WINDOWS
 from service.state import UserState, advance, decode_state, encode_state
 from service.stores.records import EventLog
 from tests.service.test_consistency import (
@@ -251,3 +252,35 @@ async def test_the_served_score_equals_the_training_forward_on_the_window(
     for i, item_id in enumerate(candidates):
         got = [served[item_id]["probabilities"][name] for name in ACTIONS]
         np.testing.assert_allclose(got, probabilities[i], atol=TOLERANCE, rtol=0)
+
+
+async def test_a_long_folding_state_is_encoded_afresh_now_and_then(
+    decay_artifact_dir: Path,
+) -> None:
+    """Folds round in float32: after REENCODE_AFTER_WINDOWS windows of evictions the state is
+    encoded from scratch (a miss), so rounding cannot accumulate for ever."""
+    window = 4
+    settings = make_settings(decay_artifact_dir, max_history=window)
+    rng = np.random.default_rng(17)
+    posted: list[dict[str, Any]] = []
+    outcomes = []
+    candidates = [1, 2, 3, 4]
+    async with service_client(settings) as client:
+        services = services_of(client)
+        for start in range(0, 2 * REENCODE_AFTER_WINDOWS * window + 4, 2):
+            batch = events_payload(5, 2, rng, start=start)
+            posted += batch["events"]
+            await client.post("/events", json=batch)
+            outcomes.append((await rank(client, 5, candidates))["state_cache"])
+            await services.ranker.drain(5)
+        state = await cached_state(services, 5)
+        assert_matches(
+            await rank(client, 5, candidates),
+            from_scratch(decay_artifact_dir, 5, posted[-window:], candidates),
+        )
+    # The first rank encodes; then folds, until 4 windows were folded out since the anchor.
+    first_refresh = 1 + outcomes[1:].index("miss")
+    assert set(outcomes[1:first_refresh]) == {"stale"}
+    evicted_then = 2 * (first_refresh + 1) - window
+    assert evicted_then >= REENCODE_AFTER_WINDOWS * window > evicted_then - 2
+    assert 0 < state.anchor <= state.start
