@@ -100,7 +100,8 @@ def redis_pings(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            # NOAUTH: up, and asking for the password it was started with.
+            return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
@@ -114,11 +115,13 @@ class RedisProcess:
     port: int
     aof: bool
     appendfsync: str
+    password: str | None = None
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         binary = require_binary("redis-server", "redis-server")
@@ -128,9 +131,10 @@ class RedisProcess:
             if self.aof
             else ["--appendonly", "no"]
         )
+        auth = ["--requirepass", self.password] if self.password else []
         self.process = subprocess.Popen(
             [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             *persistence, "--dir", str(self.directory), "--logfile", str(log)],
+             *persistence, *auth, "--dir", str(self.directory), "--logfile", str(log)],
         )  # fmt: skip
         wait_until(lambda: redis_pings(self.port), 10, "redis-server", self.process, log)
 
@@ -157,12 +161,12 @@ class RedisProcess:
 
 @contextmanager
 def redis_process(
-    directory: Path, aof: bool = False, appendfsync: str = "everysec"
+    directory: Path, aof: bool = False, appendfsync: str = "everysec", password: str | None = None
 ) -> Iterator[RedisProcess]:
-    """A private redis-server on a free port (AOF with ``appendfsync`` when ``aof``); stopped on
-    exit whatever state the test left it in."""
+    """A private redis-server on a free port (AOF with ``appendfsync`` when ``aof``, requiring
+    ``password`` when given); stopped on exit whatever state the test left it in."""
     directory.mkdir(parents=True, exist_ok=True)
-    server = RedisProcess(directory, free_port(), aof, appendfsync)
+    server = RedisProcess(directory, free_port(), aof, appendfsync, password)
     server.start()
     try:
         yield server

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import redis as redis_sync
 
-from service.stores.base import HistoryLimits, NewEvent, SeedHistories, Store
+from loadtest.harness import redis_process
+from service.stores.base import HistoryLimits, NewEvent, SeedHistories, Store, StoreError
 from service.stores.memory import MemoryStore
 from service.stores.records import pack_records
 from service.stores.redis import RedisStore
@@ -243,3 +245,17 @@ async def test_the_memory_store_refreshes_the_ttl_only_when_less_than_half_is_le
     await store.snapshot("v1", 34, 100)  # 41 s left: refreshed to 100 from now
     now[0] = 250.0
     assert (await store.snapshot("v1", 34, 100)).state == b"s"
+
+
+@pytest.mark.redis
+async def test_a_password_in_the_redis_url_authenticates(tmp_path: Path) -> None:
+    with redis_process(tmp_path, password="s3cret") as server:
+        store = RedisStore(server.url, prefix="auth")
+        anonymous = RedisStore(server.url.replace(":s3cret@", ""), prefix="auth", retries=0)
+        try:
+            assert (await store.append_events([event("a", 1, 2, 3.0)])).accepted == 1
+            with pytest.raises(StoreError):
+                await anonymous.snapshot("v", 1, TTL)
+        finally:
+            await store.close()
+            await anonymous.close()
