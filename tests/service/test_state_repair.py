@@ -34,25 +34,6 @@ pytestmark = pytest.mark.anyio
 WINDOW = 8
 
 
-@pytest.fixture(params=["plain", "decay"])
-def model_dir(request: pytest.FixtureRequest) -> Path:
-    name = "artifact_dir" if request.param == "plain" else "decay_artifact_dir"
-    path = request.getfixturevalue(name)
-    assert isinstance(path, Path)
-    return path
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-def store_settings(request: pytest.FixtureRequest) -> dict[str, Any]:
-    if request.param == "memory":
-        return {"store": "memory"}
-    return {
-        "store": "redis",
-        "redis_url": request.getfixturevalue("redis_url"),
-        "redis_prefix": request.getfixturevalue("redis_prefix"),
-    }
-
-
 def services_of(client: Any) -> Services:
     services = client.app.state.services
     assert isinstance(services, Services)
