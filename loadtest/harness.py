@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -96,14 +97,32 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
             process.wait(timeout)
 
 
-def redis_pings(port: int) -> bool:
+def redis_pings(port: int, tls_ca: Path | None = None) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as plain:
+            s = plain
+            if tls_ca is not None:
+                s = ssl.create_default_context(cafile=str(tls_ca)).wrap_socket(
+                    plain, server_hostname="127.0.0.1"
+                )
             s.sendall(b"PING\r\n")
             # NOAUTH: up, and asking for the password it was started with.
             return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """(certificate, key) for 127.0.0.1, made with openssl; the certificate is its own CA."""
+    openssl = require_binary("openssl", "openssl")
+    cert, key = directory / "tls-cert.pem", directory / "tls-key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
 
 
 @dataclass
@@ -116,11 +135,16 @@ class RedisProcess:
     aof: bool
     appendfsync: str
     password: str | None = None
+    tls: bool = False
+    """Serve TLS only (self-signed certificate in ``directory``; the URL names it as the CA)."""
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            ca = self.directory / "tls-cert.pem"
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={ca}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
@@ -132,11 +156,18 @@ class RedisProcess:
             else ["--appendonly", "no"]
         )
         auth = ["--requirepass", self.password] if self.password else []
+        ports = ["--port", str(self.port)]
+        ca: Path | None = None
+        if self.tls:
+            ca, key = self_signed_certificate(self.directory)
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(ca),
+                     "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                     "--tls-auth-clients", "no"]  # fmt: skip
         self.process = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+            [binary, "--bind", "127.0.0.1", *ports, "--save", "",
              *persistence, *auth, "--dir", str(self.directory), "--logfile", str(log)],
         )  # fmt: skip
-        wait_until(lambda: redis_pings(self.port), 10, "redis-server", self.process, log)
+        wait_until(lambda: redis_pings(self.port, ca), 10, "redis-server", self.process, log)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no final fsync; what survives is what the AOF already had."""
@@ -161,12 +192,17 @@ class RedisProcess:
 
 @contextmanager
 def redis_process(
-    directory: Path, aof: bool = False, appendfsync: str = "everysec", password: str | None = None
+    directory: Path,
+    aof: bool = False,
+    appendfsync: str = "everysec",
+    password: str | None = None,
+    tls: bool = False,
 ) -> Iterator[RedisProcess]:
     """A private redis-server on a free port (AOF with ``appendfsync`` when ``aof``, requiring
-    ``password`` when given); stopped on exit whatever state the test left it in."""
+    ``password`` when given, TLS only when ``tls``); stopped on exit whatever state the test left
+    it in."""
     directory.mkdir(parents=True, exist_ok=True)
-    server = RedisProcess(directory, free_port(), aof, appendfsync, password)
+    server = RedisProcess(directory, free_port(), aof, appendfsync, password, tls)
     server.start()
     try:
         yield server

@@ -259,3 +259,19 @@ async def test_a_password_in_the_redis_url_authenticates(tmp_path: Path) -> None
         finally:
             await store.close()
             await anonymous.close()
+
+
+@pytest.mark.redis
+async def test_a_rediss_url_talks_tls(tmp_path: Path) -> None:
+    with redis_process(tmp_path, password="s3cret", tls=True) as server:
+        assert server.url.startswith("rediss://:s3cret@")
+        store = RedisStore(server.url, prefix="tls")
+        plain = RedisStore(f"redis://:s3cret@127.0.0.1:{server.port}/0", prefix="tls", retries=0)
+        try:
+            assert (await store.append_events([event("a", 1, 2, 3.0)])).accepted == 1
+            assert (await store.snapshot("v", 1, TTL)).log_length == 1
+            with pytest.raises(StoreError):
+                await plain.snapshot("v", 1, TTL)
+        finally:
+            await store.close()
+            await plain.close()
