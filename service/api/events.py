@@ -8,9 +8,8 @@ import time
 from fastapi import APIRouter, Request
 
 from service.api.deps import ServicesDep, TokenDep
-from service.api.rank import remaining_budget
 from service.errors import validation_error, validation_errors
-from service.middleware import START_TIME_KEY
+from service.middleware import START_TIME_KEY, remaining_budget
 from service.schemas import (
     AUTH_RESPONSES,
     STORE_RESPONSES,

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service.api.deps import ServicesDep
 from service.errors import Overloaded, validation_error
-from service.middleware import START_TIME_KEY
+from service.middleware import START_TIME_KEY, remaining_budget
 from service.schemas import (
     STORE_RESPONSES,
     VALIDATION_RESPONSES,
@@ -58,10 +57,3 @@ async def rank(body: RankRequest, request: Request, services: ServicesDep) -> Re
     except TimeoutError:
         raise Overloaded("the request budget was spent before the ranking was done") from None
     return Response(content, media_type="application/json")
-
-
-def remaining_budget(budget_seconds: float, received_at: float | None) -> float:
-    """What is left of a request's budget, counted from when it entered the app."""
-    if received_at is None:
-        return budget_seconds
-    return max(budget_seconds - (time.perf_counter() - received_at), 0.0)
