@@ -44,9 +44,9 @@ async def rank(body: RankRequest, request: Request, services: ServicesDep) -> Re
             "too_long",
         )
     received_at = request.scope.get(START_TIME_KEY)
+    budget = remaining_budget(services.settings.request_budget_seconds, received_at)
     try:
-        async with asyncio.timeout(remaining_budget(services.settings.request_budget_seconds,
-                                                    received_at)):  # fmt: skip
+        async with asyncio.timeout(budget):
             content = await services.ranker.rank(
                 body.user_id,
                 body.candidate_ids,
