@@ -35,9 +35,10 @@ from loadtest.traffic import TrafficConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.redis]
 
-BUDGET_SECONDS = 0.5
-"""The shipped default request budget; the state gets 40 % of it (the default share) before /rank
-degrades."""
+BUDGET_SECONDS = 1.0
+"""The service's request budget here (the shipped default is 0.5 s); the state gets 30 % of it
+before /rank degrades. Roomier than the default because the judge is the client's clock, on a
+shared CI machine."""
 LOCUST_SECONDS = 32
 EDGE_SECONDS = 0.3
 """Requests that started this close to a kill, pause or restart are not judged by phase: one
@@ -106,7 +107,7 @@ def test_redis_killed_restarted_and_paused_under_load(
             "IFA_REDIS_URL": server.url,
             "IFA_REDIS_PREFIX": prefix,
             "IFA_REQUEST_BUDGET_SECONDS": str(BUDGET_SECONDS),
-            "IFA_STATE_FETCH_SHARE": "0.4",
+            "IFA_STATE_FETCH_SHARE": "0.3",
         }
         with running_service(artifact_dir, tmp_path / "service.log", env=env) as service:
             options = LoadOptions(
