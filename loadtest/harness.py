@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -96,30 +97,124 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
             process.wait(timeout)
 
 
+def redis_pings(port: int, tls_ca: Path | None = None) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as plain:
+            s = plain
+            if tls_ca is not None:
+                s = ssl.create_default_context(cafile=str(tls_ca)).wrap_socket(
+                    plain, server_hostname="127.0.0.1"
+                )
+            s.sendall(b"PING\r\n")
+            # NOAUTH: up, and asking for the password it was started with.
+            return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))
+    except OSError:
+        return False
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """(certificate, key) for 127.0.0.1, made with openssl; the certificate is its own CA."""
+    openssl = require_binary("openssl", "openssl")
+    cert, key = directory / "tls-cert.pem", directory / "tls-key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@dataclass
+class RedisProcess:
+    """A private redis-server that a fault test may kill, pause and restart on the same port and
+    data directory (with AOF on, acknowledged writes survive the kill)."""
+
+    directory: Path
+    port: int
+    aof: bool
+    appendfsync: str
+    password: str | None = None
+    tls: bool = False
+    """Serve TLS only (self-signed certificate in ``directory``; the URL names it as the CA)."""
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            ca = self.directory / "tls-cert.pem"
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={ca}"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = require_binary("redis-server", "redis-server")
+        log = self.directory / "redis.log"
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", self.appendfsync]
+            if self.aof
+            else ["--appendonly", "no"]
+        )
+        auth = ["--requirepass", self.password] if self.password else []
+        ports = ["--port", str(self.port)]
+        ca: Path | None = None
+        if self.tls:
+            ca, key = self_signed_certificate(self.directory)
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(ca),
+                     "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                     "--tls-auth-clients", "no"]  # fmt: skip
+        self.process = subprocess.Popen(
+            [binary, "--bind", "127.0.0.1", *ports, "--save", "",
+             *persistence, *auth, "--dir", str(self.directory), "--logfile", str(log)],
+        )  # fmt: skip
+        wait_until(lambda: redis_pings(self.port, ca), 10, "redis-server", self.process, log)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final fsync; what survives is what the AOF already had."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its connections but answers nothing (a slow Redis)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
+            stop(self.process)
+
+
+@contextmanager
+def redis_process(
+    directory: Path,
+    aof: bool = False,
+    appendfsync: str = "everysec",
+    password: str | None = None,
+    tls: bool = False,
+) -> Iterator[RedisProcess]:
+    """A private redis-server on a free port (AOF with ``appendfsync`` when ``aof``, requiring
+    ``password`` when given, TLS only when ``tls``); stopped on exit whatever state the test left
+    it in."""
+    directory.mkdir(parents=True, exist_ok=True)
+    server = RedisProcess(directory, free_port(), aof, appendfsync, password, tls)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @contextmanager
 def redis_server(directory: Path) -> Iterator[str]:
     """A private, non-persistent redis-server on a free port; yields its URL."""
-    binary = require_binary("redis-server", "redis-server")
-    port = free_port()
-    log = directory / "redis.log"
-    process = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", str(directory), "--logfile", str(log)],
-    )  # fmt: skip
-
-    def pings() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    try:
-        wait_until(pings, 10, "redis-server", process, log)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        stop(process)
+    with redis_process(directory) as server:
+        yield server.url
 
 
 @dataclass(frozen=True)
@@ -139,7 +234,7 @@ def running_service(
 ) -> Iterator[LiveService]:
     """``python -m service`` on a free port of 127.0.0.1 until ``/readyz`` answers 200.
 
-    ``env`` gives the ``IFA_*`` settings (inherited ``IFA_*`` variables are dropped, so the
+    ``env`` gives the ``IFA_*`` settings (inherited ``IFA_*`` and ``REDIS_URL`` are dropped, so the
     service runs with what the caller asked for and nothing else) and ``args`` extra command-line
     flags; the process is stopped on exit. Start-up includes seeding the store when
     ``IFA_SEED_WORLD`` is set, hence the generous default timeout.
@@ -147,7 +242,10 @@ def running_service(
     port = free_port()
     command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
                "--model-dir", str(model_dir), *args]  # fmt: skip
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("IFA_")}
+    # REDIS_URL too: alone it selects the Redis store, and the caller's env says which store.
+    inherited = {
+        k: v for k, v in os.environ.items() if not k.startswith("IFA_") and k != "REDIS_URL"
+    }
     with log.open("w") as log_file:
         process = subprocess.Popen(
             command,

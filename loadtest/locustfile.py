@@ -3,14 +3,22 @@
 Run through ``python -m loadtest`` (which starts Locust as a subprocess and checks thresholds),
 or directly: ``locust -f loadtest/locustfile.py --host http://127.0.0.1:8000``. Traffic settings
 come from ``IFA_LOADTEST_*`` environment variables (see :mod:`loadtest.traffic`).
+
+With ``IFA_LOADTEST_RECORD_DIR`` set, every request is also written to
+``<dir>/requests-<pid>.jsonl``: start and end (unix seconds), route, status, the rank's
+``state_cache`` and the event ids a 2xx /events acknowledged. Fault tests judge a run by it
+(what was acknowledged, what each phase of an outage answered).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
+import time
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 from locust import FastHttpUser, constant, events, task
 from locust.env import Environment
@@ -19,14 +27,17 @@ from loadtest.traffic import Traffic, TrafficConfig, load_ids, poisson_wait
 
 CONFIG = TrafficConfig.from_env()
 JSON_HEADERS = {"content-type": "application/json"}
+RECORD_DIR_VARIABLE = "IFA_LOADTEST_RECORD_DIR"
 _traffic: Traffic | None = None
 _rank_bodies: Iterator[tuple[str, int]] | None = None
+_record: TextIO | None = None
 
 
 @events.init.add_listener
 def load_world(environment: Environment, **_: Any) -> None:
-    """Read the world's ids, and draw the /rank body pool, once per Locust process."""
-    global _traffic, _rank_bodies
+    """Read the world's ids, draw the /rank body pool and open the request record, once per
+    Locust process, before any user starts."""
+    global _traffic, _rank_bodies, _record
     users, items = load_ids(CONFIG)
     _traffic = Traffic(CONFIG, users, items)
     if CONFIG.body_pool > 0:
@@ -35,6 +46,16 @@ def load_world(environment: Environment, **_: Any) -> None:
             body = _traffic.rank_body()
             pool.append((json.dumps(body), _traffic.expected_items(body)))
         _rank_bodies = itertools.cycle(pool)
+    directory = os.environ.get(RECORD_DIR_VARIABLE)
+    if directory:
+        path = Path(directory) / f"requests-{os.getpid()}.jsonl"
+        _record = path.open("a", buffering=1)  # line-buffered: a killed run keeps its lines
+
+
+def record(route: str, started: float, status: int, **details: Any) -> None:
+    if _record is not None:
+        line = {"route": route, "start": started, "end": time.time(), "status": status}
+        _record.write(json.dumps(line | details) + "\n")
 
 
 def traffic() -> Traffic:
@@ -58,9 +79,15 @@ class RankingUser(FastHttpUser):
     @task(CONFIG.rank_weight)  # a weight of 0 leaves the task out
     def rank(self) -> None:
         body, expected = next_rank_body()
+        started = time.time()
         with self.client.post(
             "/rank", data=body, headers=JSON_HEADERS, name="/rank", catch_response=True
         ) as response:
+            if _record is not None:
+                answer = response.json() if response.status_code == 200 else {}
+                record(
+                    "/rank", started, response.status_code, state_cache=answer.get("state_cache")
+                )
             if response.status_code != 200:
                 response.failure(f"status {response.status_code}: {response.text[:200]}")
                 return
@@ -71,9 +98,13 @@ class RankingUser(FastHttpUser):
     @task(CONFIG.events_weight)
     def post_events(self) -> None:
         body = traffic().events_body()
+        started = time.time()
         with self.client.post(
             "/events", json=body, name="/events", catch_response=True
         ) as response:
+            acknowledged = response.status_code in (200, 202)
+            ids = [(e["user_id"], e["event_id"]) for e in body["events"]] if acknowledged else []
+            record("/events", started, response.status_code, acked=ids)
             if response.status_code not in (200, 202):
                 response.failure(f"status {response.status_code}: {response.text[:200]}")
                 return

@@ -48,6 +48,8 @@ class LoadOptions:
     processes: int = 1
     """Locust worker processes (``--processes``): one process's gevent loop saturates well below
     the rates a multi-worker service takes, and a saturated generator sends in bursts."""
+    record_dir: Path | None = None
+    """Where the locustfile writes every request (``IFA_LOADTEST_RECORD_DIR``); None: nowhere."""
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,8 @@ def run_locust(options: LoadOptions) -> Summary:
     if options.processes > 1:
         command += ["--processes", str(options.processes)]
     env = os.environ | options.traffic.to_env()
+    if options.record_dir is not None:
+        env["IFA_LOADTEST_RECORD_DIR"] = str(options.record_dir)
     # The locustfile imports loadtest.traffic, so the repository root must be importable.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     with log_path.open("w") as log:

@@ -151,6 +151,14 @@ class Manifest:
     catalogue_items: int = 0
     checkpoint_file: str = CHECKPOINT_FILE
     schema: int = MANIFEST_SCHEMA
+    state_version: str | None = None
+    """``state-<12 hex>``: hash of what a user state depends on, the encoder (net, config, spec,
+    encoder weights) and the catalogue (:func:`state_version`); fusion and scorer-only weights are
+    not in it, so re-exporting with new fusion weights keeps every cached state. None in
+    artefacts older than it: :func:`artifact_state_version` derives one from the files."""
+    max_history: int | None = None
+    """Events of a user's history the model was trained on (the most recent); the service caps
+    each user's history at it unless configured otherwise. None: not recorded."""
 
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec.from_dict(self.spec)
@@ -212,6 +220,43 @@ def model_version(
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
     return f"{net_name}-{digest.hexdigest()[:12]}"
+
+
+def state_version(
+    net_name: str,
+    net_config: Mapping[str, Any],
+    spec: FeatureSpec,
+    state_dict: Mapping[str, Tensor],
+    catalogue: Catalogue,
+) -> str:
+    """``state-<12 hex>``: changes whenever a cached user state would: the encoder's weights
+    (``encoder.*``, which include the event embeddings it reads), the net's config and feature
+    spec, and the catalogue (events are featurised through it). Not the fusion weights, not the
+    scorer's weights."""
+    digest = hashlib.sha256()
+    described = {"net": net_name, "config": dict(net_config), "spec": spec.to_dict()}
+    digest.update(json.dumps(described, sort_keys=True, default=str).encode())
+    for name in sorted(k for k in state_dict if k.startswith("encoder.")):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    for column in sorted(catalogue.columns):
+        values = np.ascontiguousarray(catalogue.columns[column], dtype=np.int64)
+        digest.update(f"catalogue|{column}|{values.size}|".encode())
+        digest.update(values.tobytes())
+    return f"state-{digest.hexdigest()[:12]}"
+
+
+def artifact_state_version(manifest: Manifest, directory: Path, program_format: str) -> str:
+    """The manifest's state version, or for an artefact exported before it had one a hash of the
+    encoder program's and the catalogue's files (conservative: a re-export changes it)."""
+    if manifest.state_version:
+        return manifest.state_version
+    digest = hashlib.sha256(b"files|")
+    role = "checkpoint" if program_format == "eager" else "encoder"
+    for name in (manifest.files[program_format][role], manifest.catalogue_file):
+        digest.update((directory / name).read_bytes())
+    return f"state-{digest.hexdigest()[:12]}"
 
 
 # -- the serving interface --------------------------------------------------------------------
@@ -509,6 +554,7 @@ def load_artifact(
         )
     encoder, scorer = load_programs(directory, manifest, program_format)
     catalogue = Catalogue.load(directory / manifest.catalogue_file, manifest.feature_spec())
+    manifest.state_version = artifact_state_version(manifest, directory, program_format)
     return ProgramModel(
         manifest, program_format, encoder, scorer, catalogue, directory, precision
     )

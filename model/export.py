@@ -45,6 +45,7 @@ from model.artifact import (
     model_version,
     plain_data,
     quiet_torchscript_deprecation,
+    state_version,
 )
 from model.catalogue import Catalogue
 from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -340,6 +341,9 @@ def _build(
         training=metadata,
         torch_version=torch.__version__,
         catalogue_items=len(catalogue),
+        state_version=state_version(
+            checkpoint.net_name, config_of(net), spec, net.state_dict(), catalogue
+        ),
     )
 
 

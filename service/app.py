@@ -17,6 +17,7 @@ import torch
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from service.admission import AdmissionMiddleware
 from service.api import events, health, info, rank
 from service.api.deps import Services
 from service.api.docs import install_docs
@@ -49,6 +50,8 @@ thread, which needs the GIL for a moment between its torch calls. Under load the
 and with the default interval each of those moments can cost the model thread 5 ms: measured on
 the development machine, a 4 ms scorer call took 51 ms beside a busy loop thread at 5 ms, 11.5 ms
 at 1 ms and 5.0 ms at 0.2 ms."""
+SHUTDOWN_DRAIN_SECONDS = 2.0
+"""How long shutdown waits for background state write-backs before closing the store."""
 
 WARMUP_CANDIDATES = (1, 100, 1000)
 """Candidate-set sizes scored once at start, so the first requests do not pay for program
@@ -69,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             lag_watch.cancel()
             app.state.services = None
+            await services.ranker.drain(SHUTDOWN_DRAIN_SECONDS)
             await services.store.close()
             services.runtime.queue.executor.shutdown(wait=True)
             retire_worker()
@@ -84,10 +88,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.services = None
+    # Added last = outermost: the metrics middleware also counts what admission refuses.
+    app.add_middleware(
+        AdmissionMiddleware,
+        metrics=metrics,
+        max_inflight=settings.max_inflight,
+        max_body_bytes=settings.max_body_bytes,
+        retry_after_seconds=settings.retry_after_seconds,
+    )
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     if settings.arrival_log is not None:
         app.add_middleware(ArrivalLogMiddleware, directory=settings.arrival_log)
-    install_error_handlers(app, metrics)
+    install_error_handlers(app, metrics, settings.retry_after_seconds)
     for module in (rank, events, health, info):
         app.include_router(module.router)
     install_docs(app)
@@ -128,7 +140,8 @@ async def start(settings: Settings, metrics: Metrics) -> Services:
             queue,
         )
         await loop.run_in_executor(executor, warm_up, runtime)
-        store = InstrumentedStore(open_store(settings), metrics)
+        max_history = settings.resolved_max_history(runtime.trained_max_history)
+        store = InstrumentedStore(open_store(settings, max_history), metrics)
         if settings.seed_world is not None:
             histories = await loop.run_in_executor(
                 None, load_seed, settings.seed_world, runtime.actions, runtime.spec.user_names
@@ -146,15 +159,20 @@ async def start(settings: Settings, metrics: Metrics) -> Services:
         raise
     metrics.model_info.labels(version=runtime.version).set(1)
     ranker = Ranker(
-        runtime, store, metrics, settings.state_ttl_seconds, state_cache=settings.state_cache
+        runtime,
+        store,
+        metrics,
+        settings.state_ttl_seconds,
+        state_cache=settings.state_cache,
+        max_history=max_history,
+        state_budget_seconds=settings.request_budget_seconds * settings.state_fetch_share,
+        local_states=settings.local_states,
     )
     logger.info(
-        "serving %s (%s, %s) from %s",
-        runtime.version,
-        runtime.model.program_format,
-        runtime.model.precision,
-        settings.model_dir,
-    )
+        "serving %s (%s, %s, states %s, history cap %d) from %s",
+        runtime.version, runtime.model.program_format, runtime.model.precision,
+        runtime.state_version, max_history, settings.model_dir,
+    )  # fmt: skip
     return Services(settings, metrics, runtime, store, ranker)
 
 
@@ -186,6 +204,7 @@ def warm_up(runtime: ModelRuntime) -> None:
         actions=np.zeros(16, dtype=np.int64),
         timestamps=np.sort(rng.uniform(1.7e9, 1.7e9 + 1e5, 16)),
         end=16,
+        positions=np.arange(16),
     )
     state = runtime.encode_history(log)
     user = runtime.user_row(0, {})

@@ -284,6 +284,7 @@ def over_http(url: str, item_ids: np.ndarray, miss_users: list[int], hits: int, 
 
 
 async def redis_state(url: str, prefix: str, version: str, fetches: int) -> dict[str, Any]:
+    """Size and fetch latency of user 7's cached state (``version``: the state version)."""
     store = RedisStore(url, prefix=prefix)
     try:
         blob = (await store.snapshot(version, 7, 3600)).state
@@ -422,7 +423,8 @@ async def run(args: argparse.Namespace, model_dir: Path, model_label: str) -> di
             report["in_process"][name] = await in_process(
                 settings, item_ids, args.hits, args.misses, seed=len(report["in_process"])
             )
-        report["redis_state"] = await redis_state(args.redis_url, prefix, version, 2000)
+        state_version = model.manifest.state_version or version
+        report["redis_state"] = await redis_state(args.redis_url, prefix, state_version, 2000)
 
         print("over HTTP, redis store ...", flush=True)
         http_prefix = f"{prefix}-http"

@@ -2,10 +2,13 @@
 
 * validation (422, or 400 for a body that is not JSON): ``{"detail": [{loc, field, msg, type}]}``
   where ``msg`` starts with the field it is about, e.g. ``candidate_ids[3]: Input should be ...``;
-* store unreachable, or the model not loaded yet: 503 ``{"detail": "..."}``;
-* a worker at a capacity limit: 503 with ``Retry-After``;
-* a model failure or anything unexpected: 500 ``{"detail": "..."}``, with the cause in the log
-  and never in the body.
+* store unreachable, the worker overloaded, the request budget spent, or the model not loaded
+  yet: 503 ``{"detail": "..."}`` with ``Retry-After``;
+* /events without the bearer token it requires: 401 with ``WWW-Authenticate: Bearer``;
+* a model failure or anything unexpected: 500 ``{"detail": "..."}``.
+
+Bodies never carry internal exception text (a Redis error names hosts and commands): the cause
+goes to the log.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from service.metrics import Metrics
@@ -34,16 +38,31 @@ class NotReady(RuntimeError):
 
 
 class Overloaded(RuntimeError):
-    """This worker is at a capacity limit: shed the request now (503 + Retry-After) rather
-    than queue it behind work it would wait seconds for."""
+    """This worker cannot take the request now (in-flight limit, a full queue, the request
+    budget spent): a 503 with Retry-After, so that the client retries, elsewhere or later.
 
-    def __init__(self, detail: str, retry_after_seconds: int = 1) -> None:
-        super().__init__(detail)
-        self.retry_after_seconds = retry_after_seconds
+    The message is public: it is the body's detail, so it must not carry internal text.
+    """
 
 
-def json_response(content: Any, status_code: int = 200) -> Response:
-    return Response(orjson.dumps(content), status_code=status_code, media_type="application/json")
+class Unauthorized(RuntimeError):
+    """The route requires the bearer token and the request did not carry it."""
+
+
+def json_response(
+    content: Any, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        orjson.dumps(content),
+        status_code=status_code,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def unavailable(detail: str, retry_after_seconds: int) -> Response:
+    """A 503 that tells the client when to retry."""
+    return json_response({"detail": detail}, 503, headers={"retry-after": str(retry_after_seconds)})
 
 
 def field_path(loc: Sequence[str | int]) -> str:
@@ -87,7 +106,7 @@ def _issue(error: dict[str, Any]) -> dict[str, Any]:
     return {"loc": loc, "field": path, "msg": f"{path}: {msg}", "type": kind}
 
 
-def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+def install_error_handlers(app: FastAPI, metrics: Metrics, retry_after_seconds: int = 1) -> None:
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         metrics.errors.labels(kind="validation").inc()
@@ -103,20 +122,39 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         malformed = any(i["type"] == "json_invalid" for i in issues)
         return json_response({"detail": issues}, status_code=400 if malformed else 422)
 
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 400:
+            # FastAPI's own 400 for a body it cannot even decode (bytes that are not UTF-8): the
+            # same shape as every other malformed body.
+            metrics.errors.labels(kind="validation").inc()
+            issue = {
+                "loc": ["body"],
+                "field": "body",
+                "msg": "body: not valid JSON (the bytes do not decode as UTF-8 text)",
+                "type": "json_invalid",
+            }
+            return json_response({"detail": [issue]}, status_code=400)
+        headers = dict(exc.headers) if exc.headers else None
+        return json_response({"detail": exc.detail}, exc.status_code, headers=headers)
+
     async def on_store_error(request: Request, exc: Exception) -> Response:
         metrics.errors.labels(kind="store").inc()
         logger.warning("store error on %s: %s", request.url.path, exc)
-        return json_response({"detail": f"state store unavailable: {exc}"}, status_code=503)
+        return unavailable("state store unavailable; retry later", retry_after_seconds)
 
     async def on_not_ready(request: Request, exc: Exception) -> Response:
-        return json_response({"detail": str(exc)}, status_code=503)
+        return unavailable(str(exc), retry_after_seconds)
 
     async def on_overloaded(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, Overloaded)
         metrics.errors.labels(kind="overloaded").inc()
-        response = json_response({"detail": str(exc)}, status_code=503)
-        response.headers["Retry-After"] = str(exc.retry_after_seconds)
-        return response
+        return unavailable(str(exc), retry_after_seconds)
+
+    async def on_unauthorized(request: Request, exc: Exception) -> Response:
+        metrics.errors.labels(kind="unauthorized").inc()
+        return json_response(
+            {"detail": str(exc)}, 401, headers={"www-authenticate": 'Bearer realm="ifa"'}
+        )
 
     async def on_model_error(request: Request, exc: Exception) -> Response:
         metrics.errors.labels(kind="model").inc()
@@ -129,8 +167,10 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         return json_response({"detail": "internal error"}, status_code=500)
 
     app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(StoreError, on_store_error)
     app.add_exception_handler(NotReady, on_not_ready)
     app.add_exception_handler(Overloaded, on_overloaded)
+    app.add_exception_handler(Unauthorized, on_unauthorized)
     app.add_exception_handler(ModelError, on_model_error)
     app.add_exception_handler(Exception, on_unexpected)

@@ -45,9 +45,12 @@ STAGES = (
     "serialise",
 )  # fmt: skip
 """model_queue: a model job's wait for the worker's model thread (one observation per job)."""
-CACHE_OUTCOMES = ("hit", "miss", "stale")
+CACHE_OUTCOMES = ("hit", "miss", "stale", "degraded")
 INGEST_OUTCOMES = ("accepted", "duplicate")
-ERROR_KINDS = ("validation", "store", "model", "overloaded", "internal")
+ERROR_KINDS = (
+    "validation", "store", "model", "internal", "overloaded", "unauthorized", "too_large",
+)  # fmt: skip
+STATE_REPAIRS = ("undecodable", "non_finite", "cursor_beyond_log", "window_unreachable")
 STORE_OPERATIONS = (
     "snapshot", "read_events", "append_events", "put_state", "put_profile", "seed", "ping",
 )  # fmt: skip
@@ -79,7 +82,8 @@ class Metrics:
         )
         self.state_cache = Counter(
             "ifa_state_cache_total",
-            "User state lookups: hit, miss (encoded from the whole log) or stale (events folded).",
+            "User state lookups: hit, miss (encoded from the whole log), stale (events folded) or "
+            "degraded (the store did not answer in time: a locally cached or empty state).",
             ["outcome"],
             registry=r,
         )
@@ -103,7 +107,8 @@ class Metrics:
         )
         self.errors = Counter(
             "ifa_errors_total",
-            "Failed requests by kind: validation, store, model, internal.",
+            "Failed requests by kind: validation, store, model, internal, overloaded (503 with "
+            "Retry-After: in-flight limit or budget spent), unauthorized, too_large (413).",
             ["kind"],
             registry=r,
         )
@@ -116,6 +121,25 @@ class Metrics:
         )
         self.store_errors = Counter(
             "ifa_store_errors_total", "Failed store operations.", ["operation"], registry=r
+        )
+        self.state_repairs = Counter(
+            "ifa_state_repairs_total",
+            "Cached states replaced because they were wrong: undecodable, non_finite, "
+            "cursor_beyond_log (a truncated or restored log), window_unreachable (the events to "
+            "fold out are gone).",
+            ["reason"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "ifa_inflight_requests",
+            "Requests (/rank, /events) this worker is handling now; max_inflight caps it.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.write_backs_skipped = Counter(
+            "ifa_state_write_backs_skipped_total",
+            "State write-backs not started because too many were pending (a slow store).",
+            registry=r,
         )
         self.model_info = Gauge(
             "ifa_model_info",
@@ -146,6 +170,8 @@ class Metrics:
             self.events_ingested.labels(outcome=outcome)
         for kind in ERROR_KINDS:
             self.errors.labels(kind=kind)
+        for reason in STATE_REPAIRS:
+            self.state_repairs.labels(reason=reason)
         for operation in STORE_OPERATIONS:
             self.store_duration.labels(operation=operation)
             self.store_errors.labels(operation=operation)

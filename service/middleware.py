@@ -47,3 +47,10 @@ class HttpMetricsMiddleware:
             method = scope.get("method", "GET")
             method = method if method in KNOWN_METHODS else "other"
             self.metrics.observe_request(template, method, status, time.perf_counter() - started)
+
+
+def remaining_budget(budget_seconds: float, received_at: float | None) -> float:
+    """What is left of a request's budget, counted from when it entered the app."""
+    if received_at is None:
+        return budget_seconds
+    return max(budget_seconds - (time.perf_counter() - received_at), 0.0)

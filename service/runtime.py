@@ -1,16 +1,16 @@
 """The loaded model as the service uses it: the exported encoder and scorer, the catalogue,
-and the model queue their torch work runs through (never on the event loop).
+and the model queue their torch work runs through.
 
 Featurisation (numpy lookups, microseconds) runs on the event loop; the torch methods
-(``encode_history``, ``fold_events``, ``score``) run on the executor, through
-:meth:`ModelRuntime.run` (:class:`service.model_queue.ModelQueue`).
+(``encode_history``, ``fold_events``, ``score``) run where :meth:`ModelRuntime.run` puts them
+(:class:`service.model_queue.ModelQueue`: inline, or on the worker's model thread).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,7 +21,7 @@ from model.artifact import ServingModel, load_artifact, load_manifest
 from model.catalogue import Catalogue
 from model.features import FeatureSpec
 from service.model_queue import ModelQueue
-from service.state import UserState, advance, empty_state, fold, fold_reference_time
+from service.state import UserState, advance, empty_state, fold, fold_reference_time, unfold
 from service.stores.records import EventLog
 
 T = TypeVar("T")
@@ -46,6 +46,9 @@ class ModelRuntime:
         self.catalogue: Catalogue = model.catalogue
         self.queue = queue
         self.version: str = str(manifest.version)
+        self.state_version: str = str(manifest.state_version or manifest.version)
+        """What cached states are keyed by: changes with the encoder and the catalogue only."""
+        self.trained_max_history: int | None = manifest.max_history
         self.spec: FeatureSpec = model.spec
         self.actions: tuple[str, ...] = tuple(manifest.actions)
         self.objectives: tuple[str, ...] = tuple(manifest.objectives)
@@ -91,16 +94,18 @@ class ModelRuntime:
         item_rows, _ = self.catalogue.rows(log.item_ids)
         return self.spec.event_rows(item_rows, log.actions, log.timestamps)
 
-    # -- torch work (executor only) ----------------------------------------------------------
+    # -- torch work (through run() only) ----------------------------------------------------------
 
-    def encode_history(self, log: EventLog) -> UserState:
-        """The state of a whole log, from scratch, referenced to its newest event."""
-        return self.fold_events(self.empty_state(), log)
+    def encode_history(self, log: EventLog, start: int = 0) -> UserState:
+        """The state of a log's window [start, log.end), from scratch, referenced to its newest
+        event (``log`` holds those events)."""
+        empty = replace(self.empty_state(), start=start, cursor=start, anchor=start)
+        return self.fold_events(empty, log)
 
     def fold_events(self, state: UserState, log: EventLog) -> UserState:
         """The state with the events of ``log`` added; its cursor becomes ``log.end``."""
         if len(log) == 0:
-            return UserState(state.s, state.z, log.end, state.reference_time)
+            return replace(state, cursor=log.end)
         reference = fold_reference_time(state, log.timestamps)
         with torch.inference_mode():
             # The loader encodes very long histories in chunks, so memory stays bounded.
@@ -110,6 +115,20 @@ class ModelRuntime:
                 reference,
             )
         return fold(state, (s.float(), z.float()), reference, log.end, self.decay_rates)
+
+    def unfold_events(self, state: UserState, evicted: EventLog, start: int) -> UserState:
+        """The state with the events of ``evicted`` (all in it) taken out; its window then starts
+        at ``start``. Each is encoded relative to the state's reference time, so it is removed
+        with exactly the decay weight it has in the state."""
+        if len(evicted) == 0:
+            return replace(state, start=start)
+        with torch.inference_mode():
+            s, z = self.model.encode(
+                torch.from_numpy(self.event_rows(evicted)),
+                torch.from_numpy(np.ascontiguousarray(evicted.timestamps)),
+                state.reference_time,
+            )
+        return unfold(state, (s.float(), z.float()), start)
 
     def score(
         self,

@@ -101,10 +101,14 @@ class RankResponse(BaseModel):
     model_version: str = Field(description="Version of the model that scored the request.")
     items: list[RankedItem] = Field(description="min(k, len(candidate_ids)) items, best first.")
     unknown_items: int = Field(description="Candidates not in the catalogue (scored as OOV).")
-    history_length: int = Field(description="Behaviour events in the user's state.")
-    state_cache: Literal["hit", "miss", "stale"] = Field(
-        description="hit: cached state used as is; stale: newer events folded into it; "
-        "miss: encoded from the whole history."
+    history_length: int = Field(
+        description="Behaviour events in the user's state: the most recent max_history at most."
+    )
+    state_cache: Literal["hit", "miss", "stale", "degraded"] = Field(
+        description="hit: cached state used as is; stale: newer events folded into it (and "
+        "events past max_history folded out); miss: encoded from the whole window; degraded: "
+        "the state store did not answer in time, scored from this worker's recent copy of the "
+        "state or an empty one."
     )
 
 
@@ -160,8 +164,14 @@ class HealthResponse(BaseModel):
 
 
 class ReadyResponse(BaseModel):
-    status: Literal["ready"] = Field(description="The model is loaded and the store answers.")
+    status: Literal["ready"] = Field(
+        description="The model is loaded: the worker can answer /rank (degraded while the store "
+        "is down, so a store outage never takes every replica out of the Service)."
+    )
     model_version: str = Field(description="The model version served.")
+    store: Literal["ok", "unavailable"] = Field(
+        description="Whether the state store answered a ping just now (informational)."
+    )
 
 
 class Limits(BaseModel):
@@ -171,6 +181,18 @@ class Limits(BaseModel):
     max_id: int = Field(default=MAX_ID, description="Largest user or item id (2^63 - 1).")
     max_timestamp: float = Field(
         default=MAX_TIMESTAMP, description="Largest event timestamp, unix seconds (2100-01-01)."
+    )
+    max_clock_skew_seconds: float = Field(
+        description="An event timestamp further than this in the future (server clock) is a 422."
+    )
+    max_body_bytes: int = Field(description="Largest request body; larger is a 413.")
+    max_history: int = Field(
+        description="Events of a user's history the state covers (the most recent by arrival); "
+        "older ones are dropped from the log."
+    )
+    dedup_window: int = Field(
+        description="Event ids remembered per user: a re-posted id among the user's last "
+        "dedup_window events is a duplicate."
     )
 
 
@@ -196,5 +218,13 @@ VALIDATION_RESPONSES: dict[int | str, dict[str, object]] = {
     },
 }
 STORE_RESPONSES: dict[int | str, dict[str, object]] = {
-    503: {"model": ErrorResponse, "description": "The state store is unreachable."},
+    413: {"model": ErrorResponse, "description": "The body is larger than max_body_bytes."},
+    503: {
+        "model": ErrorResponse,
+        "description": "Unavailable now (state store, worker overloaded, request budget spent); "
+        "retry after Retry-After seconds.",
+    },
+}
+AUTH_RESPONSES: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorResponse, "description": "The api_token is set and was not sent."},
 }

@@ -12,6 +12,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -120,6 +121,9 @@ def live_service(
         "IFA_REDIS_URL": redis_url,
         "IFA_REDIS_PREFIX": prefix,
         "IFA_SEED_WORLD": str(live_world),
+        # Latency is judged by the load tests' thresholds; a 503 for a spent budget on a loaded
+        # CI machine would fail them for the wrong reason.
+        "IFA_REQUEST_BUDGET_SECONDS": "5",
     }
     log = tmp_path_factory.mktemp("live-service") / "service.log"
     try:
@@ -132,3 +136,27 @@ def live_service(
         if keys:
             client.delete(*keys)
         client.close()
+
+
+# -- parametrisations shared by the consistency tests ----------------------------------------
+
+
+@pytest.fixture(params=["plain", "decay"])
+def model_dir(request: pytest.FixtureRequest) -> Path:
+    """Each test runs on a model without and with time decay."""
+    name = "artifact_dir" if request.param == "plain" else "decay_artifact_dir"
+    path = request.getfixturevalue(name)
+    assert isinstance(path, Path)
+    return path
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def store_settings(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Each test runs on the in-process store and on a real Redis (a prefix of its own)."""
+    if request.param == "memory":
+        return {"store": "memory"}
+    return {
+        "store": "redis",
+        "redis_url": request.getfixturevalue("redis_url"),
+        "redis_prefix": request.getfixturevalue("redis_prefix"),
+    }

@@ -28,6 +28,7 @@ from model.artifact import (
     load_artifact,
     load_catalogue,
     model_version,
+    state_version,
 )
 from model.catalogue import Catalogue
 from model.checkpoint import Checkpoint, save_checkpoint
@@ -246,6 +247,40 @@ def test_version_changes_with_weights_and_fusion_only(
     assert first == again and first.name == base and other.name != base
     assert (tmp_path / LATEST_FILE).read_text().strip() == other.name
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LATEST_FILE, base, other.name])
+
+
+def test_state_version_covers_the_encoder_and_the_catalogue_not_fusion(
+    checkpoint: Checkpoint, tmp_path: Path
+) -> None:
+    """Cached user states are keyed by it: what changes a state changes it, nothing else does."""
+    net = checkpoint.net
+    config, weights, catalogue = config_of(net), net.state_dict(), make_catalogue()
+    base = state_version("ifa", config, SPEC, weights, catalogue)
+    assert any(name.startswith("encoder.event_embedding.") for name in weights)
+    scorer_only = {k: v.clone() for k, v in weights.items()}
+    scorer_only["scorer.query.bias"][0] += 1.0
+    assert state_version("ifa", config, SPEC, scorer_only, catalogue) == base
+    encoder = {k: v.clone() for k, v in weights.items()}
+    encoder["encoder.key.bias"][0] += 1e-6
+    assert state_version("ifa", config, SPEC, encoder, catalogue) != base
+    other_items = Catalogue(
+        {**catalogue.columns, "category": (catalogue.columns["category"] + 1) % 8}, SPEC
+    )
+    assert state_version("ifa", config, SPEC, weights, other_items) != base
+
+    # Exported with other fusion weights: a new model version, the same state version.
+    click = export_artifact(checkpoint, catalogue, tmp_path, {"click": 1.0}, formats=())
+    like = export_artifact(checkpoint, catalogue, tmp_path, {"like": 1.0}, formats=())
+    manifests = [Manifest.load(d / "manifest.json") for d in (click, like)]
+    assert manifests[0].version != manifests[1].version
+    assert manifests[0].state_version == manifests[1].state_version == base
+    # An artefact from before state versions gets one derived from its files when loaded.
+    old = Manifest.load(click / "manifest.json")
+    old.state_version = None
+    old.save(click / "manifest.json")
+    derived = load_artifact(click, "eager").manifest.state_version
+    assert derived is not None and derived.startswith("state-") and derived != base
+    assert load_artifact(click, "eager").manifest.state_version == derived
 
 
 def test_loader_rejects_unknown_format(export_root: Path) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.errors import NotReady
+from service.errors import NotReady, Unauthorized
 from service.metrics import Metrics
 from service.ranker import Ranker
 from service.runtime import ModelRuntime
@@ -48,3 +50,31 @@ def get_metrics(request: Request) -> Metrics:
 ServicesDep = Annotated[Services, Depends(get_services)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="Required by /events when the service has an api_token (IFA_API_TOKEN).",
+)
+
+
+def require_token(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Refuse the request unless it carries the configured bearer token (if one is set)."""
+    token = get_settings(request).api_token
+    if token is None:
+        return
+    expected = token.get_secret_value().encode()
+    given = credentials.credentials.encode() if credentials is not None else b""
+    # Constant-time: the comparison must not tell an attacker how much of a guess was right.
+    if (
+        credentials is None
+        or credentials.scheme.lower() != "bearer"
+        or not hmac.compare_digest(given, expected)
+    ):
+        raise Unauthorized("a valid bearer token is required (Authorization: Bearer <token>)")
+
+
+TokenDep = Annotated[None, Depends(require_token)]

@@ -29,5 +29,9 @@ async def model_info(services: ServicesDep) -> ModelInfo:
             max_candidates=settings.max_candidates,
             max_events_per_post=settings.max_events_per_post,
             default_k=settings.default_k,
+            max_clock_skew_seconds=settings.max_clock_skew_seconds,
+            max_body_bytes=settings.max_body_bytes,
+            max_history=services.ranker.max_history,
+            dedup_window=settings.dedup_window,
         ),
     )

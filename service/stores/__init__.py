@@ -5,11 +5,15 @@ from __future__ import annotations
 from urllib.parse import urlsplit, urlunsplit
 
 from service.settings import Settings
-from service.stores.base import Store
+from service.stores.base import HistoryLimits, Store
 
 
-def open_store(settings: Settings) -> Store:
-    """The backend the settings name; nothing connects until the first operation."""
+def open_store(settings: Settings, max_history: int) -> Store:
+    """The backend the settings name; nothing connects until the first operation.
+
+    ``max_history`` is the resolved history cap (the setting, or the model's training window).
+    """
+    limits = HistoryLimits(max_history=max_history, dedup_window=settings.dedup_window)
     if settings.store == "redis":
         from service.stores.redis import RedisStore
 
@@ -18,10 +22,13 @@ def open_store(settings: Settings) -> Store:
             prefix=settings.redis_prefix,
             max_connections=settings.redis_max_connections,
             timeout_seconds=settings.redis_timeout_seconds,
+            retries=settings.redis_retries,
+            backoff_seconds=settings.redis_retry_backoff_seconds,
+            limits=limits,
         )
     from service.stores.memory import MemoryStore
 
-    return MemoryStore()
+    return MemoryStore(limits=limits)
 
 
 def store_location(settings: Settings) -> str:

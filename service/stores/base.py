@@ -1,10 +1,13 @@
 """The store interface: a behaviour log (idempotent appends, reads after a cursor, profiles)
 and a state cache (compare-and-set on the cursor, TTL, keys by model version and user).
 
-Cursors are log positions, not timestamps: the state with cursor c is a pure function of the
-first c events the user's log received, whatever their timestamps. An event that arrives late
-with an old timestamp gets the next position, so it is folded in by the next read like any other
-(with its own decay weight), and nothing older than the cursor is ever missed.
+Cursors are log positions, not timestamps: the state with window [start, c) is a pure function of
+the events the user's log received at those positions, whatever their timestamps. An event that
+arrives late with an old timestamp gets the next position, so it is folded in by the next read like
+any other (with its own decay weight), and nothing older than the cursor is ever missed.
+
+Positions are absolute and never reused: a log bounded by :class:`HistoryLimits` drops its oldest
+records, after which it holds positions [log_start, log_length).
 """
 
 from __future__ import annotations
@@ -34,6 +37,28 @@ class NewEvent:
 
 
 @dataclass(frozen=True)
+class HistoryLimits:
+    """What a store keeps per user (both stores implement the same bounds)."""
+
+    max_history: int = 1000
+    """The state's window: the most recent max_history events by log position."""
+    dedup_window: int = 10_000
+    """Event ids remembered: those of the last dedup_window events appended."""
+
+    @property
+    def trim_at(self) -> int:
+        """Records at which a log is cut (to :attr:`keep`): at most 2 · max_history are kept."""
+        return max(2 * self.max_history, self.keep + 1)
+
+    @property
+    def keep(self) -> int:
+        """Records a cut log keeps: the window and half a window more, so that a cached state up
+        to max_history / 2 events behind still finds the events it must fold out (one further
+        behind is re-encoded), while each cut copies about 3 records per event appended."""
+        return self.max_history + (self.max_history + 1) // 2
+
+
+@dataclass(frozen=True)
 class AppendResult:
     accepted: int
     duplicates: int
@@ -47,7 +72,10 @@ class UserSnapshot:
     """The cached state blob for the model version, or None on a miss."""
     profile: dict[str, int]
     log_length: int
-    """Events the user's log holds: a state whose cursor is smaller is stale."""
+    """Events the user's log received (its end position): a state whose cursor is smaller is
+    stale, one whose cursor is larger is wrong (the log was truncated or restored)."""
+    log_start: int = 0
+    """First log position the log still holds; events before it were trimmed."""
 
 
 @dataclass(frozen=True)
@@ -76,8 +104,9 @@ class BehaviourLog(Protocol):
         """Append each event whose id the user's log has not seen; the rest are duplicates."""
         ...
 
-    async def read_events(self, user_id: int, cursor: int) -> EventLog:
-        """Events at log positions ≥ cursor, sorted by timestamp; ``end`` is the log length."""
+    async def read_events(self, user_id: int, cursor: int, stop: int | None = None) -> EventLog:
+        """Events at log positions [max(cursor, log start), min(stop, log end)), sorted by
+        timestamp, with their positions; ``end`` is the log length."""
         ...
 
     async def put_profile(self, user_id: int, attributes: Mapping[str, int]) -> None: ...
@@ -94,19 +123,27 @@ class BehaviourLog(Protocol):
 
 class StateCache(Protocol):
     async def put_state(
-        self, version: str, user_id: int, blob: bytes, cursor: int, ttl_seconds: int
+        self,
+        version: str,
+        user_id: int,
+        blob: bytes,
+        cursor: int,
+        ttl_seconds: int,
+        replace: bool = False,
     ) -> bool:
         """Store the state unless the cached one already has a cursor ≥ ``cursor``.
 
         The compare-and-set keeps a slow writer from replacing a newer state with an older one;
-        returns whether this write won.
+        returns whether this write won. ``replace`` writes anyway: the cached state was found
+        wrong (corrupt, or ahead of the log), so its cursor must not win.
         """
         ...
 
 
 class Store(BehaviourLog, StateCache, Protocol):
     async def snapshot(self, version: str, user_id: int, ttl_seconds: int) -> UserSnapshot:
-        """The cached state (its TTL refreshed), profile and log length of a user."""
+        """The cached state, profile and log bounds of a user. The state's TTL is refreshed once
+        less than half of it is left (so that reads do not write)."""
         ...
 
     async def ping(self) -> None:

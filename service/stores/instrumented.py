@@ -40,9 +40,9 @@ class InstrumentedStore:
         async with self._measured("append_events"):
             return await self.inner.append_events(events)
 
-    async def read_events(self, user_id: int, cursor: int) -> EventLog:
+    async def read_events(self, user_id: int, cursor: int, stop: int | None = None) -> EventLog:
         async with self._measured("read_events"):
-            return await self.inner.read_events(user_id, cursor)
+            return await self.inner.read_events(user_id, cursor, stop)
 
     async def put_profile(self, user_id: int, attributes: Mapping[str, int]) -> None:
         async with self._measured("put_profile"):
@@ -57,10 +57,16 @@ class InstrumentedStore:
             return await self.inner.count_users(budget)
 
     async def put_state(
-        self, version: str, user_id: int, blob: bytes, cursor: int, ttl_seconds: int
+        self,
+        version: str,
+        user_id: int,
+        blob: bytes,
+        cursor: int,
+        ttl_seconds: int,
+        replace: bool = False,
     ) -> bool:
         async with self._measured("put_state"):
-            return await self.inner.put_state(version, user_id, blob, cursor, ttl_seconds)
+            return await self.inner.put_state(version, user_id, blob, cursor, ttl_seconds, replace)
 
     async def snapshot(self, version: str, user_id: int, ttl_seconds: int) -> UserSnapshot:
         async with self._measured("snapshot"):

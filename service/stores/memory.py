@@ -10,7 +10,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from service.stores.base import AppendResult, NewEvent, SeedHistories, UserCount, UserSnapshot
+from service.stores.base import (
+    AppendResult,
+    HistoryLimits,
+    NewEvent,
+    SeedHistories,
+    UserCount,
+    UserSnapshot,
+)
 from service.stores.records import RECORD_BYTES, EventLog, pack_record, unpack_log
 
 _SWEEP_EVERY = 4096
@@ -25,10 +32,16 @@ class _CachedState:
 
 
 class MemoryStore:
-    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self, clock: Callable[[], float] | None = None, limits: HistoryLimits | None = None
+    ) -> None:
         self._clock = clock or time.monotonic
+        self.limits = limits or HistoryLimits()
         self._logs: dict[int, bytearray] = {}
-        self._event_ids: dict[int, set[str]] = {}
+        self._starts: dict[int, int] = {}
+        """Log position of each log's first record (0 until the log is trimmed)."""
+        self._event_ids: dict[int, dict[str, int]] = {}
+        """Recent event ids -> log position, in insertion (= position) order."""
         self._profiles: dict[int, dict[str, int]] = {}
         self._states: dict[tuple[str, int], _CachedState] = {}
         self._puts = 0
@@ -37,19 +50,43 @@ class MemoryStore:
 
     async def append_events(self, events: Sequence[NewEvent]) -> AppendResult:
         accepted = 0
+        touched: set[int] = set()
         for event in events:
-            seen = self._event_ids.setdefault(event.user_id, set())
+            seen = self._event_ids.setdefault(event.user_id, {})
             if event.event_id in seen:
                 continue
-            seen.add(event.event_id)
             log = self._logs.setdefault(event.user_id, bytearray())
+            seen[event.event_id] = self._end(event.user_id)
             log += pack_record(event.item_id, event.action, event.timestamp)
+            touched.add(event.user_id)
             accepted += 1
+        for user_id in touched:
+            self._bound(user_id)
         return AppendResult(accepted=accepted, duplicates=len(events) - accepted)
 
-    async def read_events(self, user_id: int, cursor: int) -> EventLog:
+    def _end(self, user_id: int) -> int:
+        return self._starts.get(user_id, 0) + len(self._logs.get(user_id, b"")) // RECORD_BYTES
+
+    def _bound(self, user_id: int) -> None:
+        """Forget ids older than the dedup window; cut a long log (the Redis append script does
+        the same, with the same :class:`HistoryLimits`)."""
+        end, keep = self._end(user_id), self.limits.keep
+        seen = self._event_ids[user_id]
+        oldest_kept = end - self.limits.dedup_window
+        while seen and next(iter(seen.values())) < oldest_kept:
+            del seen[next(iter(seen))]
+        log = self._logs[user_id]
+        records = len(log) // RECORD_BYTES
+        if records >= self.limits.trim_at:
+            del log[: (records - keep) * RECORD_BYTES]
+            self._starts[user_id] = end - keep
+
+    async def read_events(self, user_id: int, cursor: int, stop: int | None = None) -> EventLog:
         log = self._logs.get(user_id, bytearray())
-        return unpack_log(bytes(log[cursor * RECORD_BYTES :]), end=len(log) // RECORD_BYTES)
+        start, end = self._starts.get(user_id, 0), self._end(user_id)
+        first, last = max(cursor, start), end if stop is None else max(min(stop, end), 0)
+        data = bytes(log[(first - start) * RECORD_BYTES : max(last - start, 0) * RECORD_BYTES])
+        return unpack_log(data, end=end, start=first)
 
     async def put_profile(self, user_id: int, attributes: Mapping[str, int]) -> None:
         self._profiles.setdefault(user_id, {}).update({k: int(v) for k, v in attributes.items()})
@@ -72,12 +109,19 @@ class MemoryStore:
     # -- state cache ------------------------------------------------------------------------
 
     async def put_state(
-        self, version: str, user_id: int, blob: bytes, cursor: int, ttl_seconds: int
+        self,
+        version: str,
+        user_id: int,
+        blob: bytes,
+        cursor: int,
+        ttl_seconds: int,
+        replace: bool = False,
     ) -> bool:
         now = self._clock()
         key = (version, user_id)
         current = self._states.get(key)
-        if current is not None and current.expires_at > now and current.cursor >= cursor:
+        fresh = current is not None and current.expires_at > now
+        if not replace and fresh and current is not None and current.cursor >= cursor:
             return False
         self._states[key] = _CachedState(blob, cursor, now + ttl_seconds)
         self._puts += 1
@@ -90,12 +134,14 @@ class MemoryStore:
         cached = self._states.get((version, user_id))
         blob: bytes | None = None
         if cached is not None and cached.expires_at > now:
-            cached.expires_at = now + ttl_seconds
+            if (cached.expires_at - now) * 2 < ttl_seconds:
+                cached.expires_at = now + ttl_seconds
             blob = cached.blob
         return UserSnapshot(
             state=blob,
             profile=dict(self._profiles.get(user_id, {})),
-            log_length=len(self._logs.get(user_id, b"")) // RECORD_BYTES,
+            log_length=self._end(user_id),
+            log_start=self._starts.get(user_id, 0),
         )
 
     def _sweep(self, now: float) -> None:

@@ -27,9 +27,20 @@ class EventLog:
     actions: np.ndarray  # (N,) int64, indices into the model's action vocabulary
     timestamps: np.ndarray  # (N,) float64, unix seconds
     end: int
+    positions: np.ndarray  # (N,) int64, log position of each event
 
     def __len__(self) -> int:
         return len(self.item_ids)
+
+    def select(self, mask: np.ndarray, end: int) -> EventLog:
+        """The events where ``mask`` holds (order kept), as a log that ends at ``end``."""
+        return EventLog(
+            item_ids=self.item_ids[mask],
+            actions=self.actions[mask],
+            timestamps=self.timestamps[mask],
+            end=end,
+            positions=self.positions[mask],
+        )
 
 
 def pack_records(item_ids: np.ndarray, actions: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
@@ -45,10 +56,14 @@ def pack_record(item_id: int, action: int, timestamp: float) -> bytes:
     return pack_records(np.array([item_id]), np.array([action]), np.array([timestamp])).tobytes()
 
 
-def unpack_log(data: bytes, end: int) -> EventLog:
-    """Decode a byte range of whole records into an :class:`EventLog` sorted by timestamp."""
+def unpack_log(data: bytes, end: int, start: int | None = None) -> EventLog:
+    """Decode a byte range of whole records into an :class:`EventLog` sorted by timestamp.
+
+    ``start`` is the log position of the first record; by default the range ends at ``end``.
+    """
     whole = len(data) - len(data) % RECORD_BYTES
     records = np.frombuffer(data[:whole], dtype=EVENT_RECORD)
+    first = end - len(records) if start is None else start
     order = np.argsort(records["timestamp"], kind="stable")
     records = records[order]
     return EventLog(
@@ -56,4 +71,5 @@ def unpack_log(data: bytes, end: int) -> EventLog:
         actions=records["action"].astype(np.int64),
         timestamps=records["timestamp"].astype(np.float64),
         end=end,
+        positions=first + order.astype(np.int64),
     )

@@ -1,15 +1,26 @@
-"""The Redis store: one pooled ``redis.asyncio`` client (hiredis parser), pipelined reads, and
-Lua scripts for the two operations that must be atomic.
+"""The Redis store: one pooled ``redis.asyncio`` client (hiredis parser) and Lua scripts for
+every operation that must be atomic.
 
-Reads of a rank request are one script call (state, profile and log length together).
+Reads of a rank request are one script call (state, profile and log bounds together).
 Keys of one user share the hash tag ``{u:<id>}`` so that, on Redis Cluster, a user's log, event
 ids, profile and states live in one slot and the scripts may touch them together:
 
 * ``<prefix>:{u:<id>}:log`` — the behaviour log, fixed-size records appended in arrival order
-  (see :mod:`service.stores.records`);
-* ``<prefix>:{u:<id>}:ids`` — the set of event ids already appended (idempotency);
+  (see :mod:`service.stores.records`); it holds log positions [start, end);
+* ``<prefix>:{u:<id>}:meta`` — hash {start: log position of the log's first record};
+* ``<prefix>:{u:<id>}:eids`` — sorted set of recent event ids scored by log position
+  (idempotency over the last ``dedup_window`` events);
 * ``<prefix>:{u:<id>}:profile`` — hash of profile attributes;
 * ``<prefix>:{u:<id>}:state:<version>`` — hash {c: cursor, s: state blob} with a TTL.
+
+Bounded storage: once a log holds ``limits.trim_at`` (2 · max_history) records, the append that
+crossed it drops the oldest, down to the last ``limits.keep`` (the state's window and half a
+window of slack for fold-outs, :class:`~service.stores.base.HistoryLimits`), so a user costs at
+most 2 · max_history · 20 bytes of log and ``dedup_window`` ids.
+
+Every call has a socket timeout and an explicit retry policy (connection errors and timeouts,
+jittered exponential backoff). Retries are safe: appends are idempotent by event id and state
+writes are compare-and-sets.
 """
 
 from __future__ import annotations
@@ -19,10 +30,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from service.stores.base import (
     AppendResult,
+    HistoryLimits,
     NewEvent,
     SeedHistories,
     StoreError,
@@ -31,39 +45,84 @@ from service.stores.base import (
 )
 from service.stores.records import RECORD_BYTES, EventLog, pack_record, unpack_log
 
-# KEYS: log, ids. ARGV: event id, record, event id, record, ... Returns the count appended.
-# SADD and APPEND in one script: an event id is marked seen iff its record is in the log.
-_APPEND_SCRIPT = """
+# KEYS: log, event ids, meta. ARGV: keep, trim at, dedup window, then event id, record, event id,
+# record, ... Returns the count appended. The id check and the APPEND are one script: an event id
+# is marked seen iff its record is in the log. Ids older than the dedup window are dropped, and a
+# log of `trim at` records or more is cut down to its last `keep`.
+_APPEND_SCRIPT = f"""
+local record = {RECORD_BYTES}
+local keep, trim_at, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local start = tonumber(redis.call('HGET', KEYS[3], 'start') or '0')
+local n = math.floor(redis.call('STRLEN', KEYS[1]) / record)
 local accepted = 0
-for i = 1, #ARGV, 2 do
-  if redis.call('SADD', KEYS[2], ARGV[i]) == 1 then
+for i = 4, #ARGV, 2 do
+  if not redis.call('ZSCORE', KEYS[2], ARGV[i]) then
+    redis.call('ZADD', KEYS[2], start + n, ARGV[i])
     redis.call('APPEND', KEYS[1], ARGV[i + 1])
+    n = n + 1
     accepted = accepted + 1
+  end
+end
+if accepted > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. string.format('%d', start + n - window))
+  if n >= trim_at then
+    local drop = n - keep
+    redis.call('SET', KEYS[1], redis.call('GETRANGE', KEYS[1], drop * record, -1))
+    redis.call('HSET', KEYS[3], 'start', string.format('%d', start + drop))
   end
 end
 return accepted
 """
 
-# KEYS: state. ARGV: cursor, blob, ttl seconds. Writes unless the cached cursor is ≥ ours.
+# KEYS: log, meta. ARGV: cursor, stop (-1: the end). Returns {first position read, log end,
+# records}: the records at positions [max(cursor, start), min(stop, end)), read together with the
+# bounds they are relative to.
+_READ_SCRIPT = f"""
+local record = {RECORD_BYTES}
+local start = tonumber(redis.call('HGET', KEYS[2], 'start') or '0')
+local stop = start + math.floor(redis.call('STRLEN', KEYS[1]) / record)
+local first = math.max(tonumber(ARGV[1]), start)
+local last = stop
+if tonumber(ARGV[2]) >= 0 then
+  last = math.min(tonumber(ARGV[2]), stop)
+end
+local data = ''
+if first < last then
+  data = redis.call('GETRANGE', KEYS[1], (first - start) * record, (last - start) * record - 1)
+end
+return {{first, stop, data}}
+"""
+
+# KEYS: state. ARGV: cursor, blob, ttl seconds, replace (1 or 0). Writes unless the cached cursor
+# is ≥ ours; with replace, writes anyway (the cached state was found wrong: its cursor means
+# nothing).
 _PUT_STATE_SCRIPT = """
-local current = redis.call('HGET', KEYS[1], 'c')
-if current and tonumber(current) >= tonumber(ARGV[1]) then
-  return 0
+if ARGV[4] ~= '1' then
+  local current = redis.call('HGET', KEYS[1], 'c')
+  if current and tonumber(current) >= tonumber(ARGV[1]) then
+    return 0
+  end
 end
 redis.call('HSET', KEYS[1], 'c', ARGV[1], 's', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
-# KEYS: state, profile, log. ARGV: ttl seconds. Returns {state blob or nil, profile fields and
-# values, log bytes}. One command instead of a pipeline of four (less client work per request),
-# and atomic: the log length is read together with the state it is compared to.
+# KEYS: state, profile, log, meta. ARGV: ttl seconds. Returns {state blob or nil, profile fields
+# and values, log bytes, log start}. One command instead of a pipeline (less client work per
+# request), and atomic: the log bounds are read together with the state they are compared to.
+# The TTL is refreshed only once less than half of it is left: a read is not a write (no AOF
+# record, no replication) on almost every request.
 _SNAPSHOT_SCRIPT = """
 local blob = redis.call('HGET', KEYS[1], 's')
 if blob then
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  local ttl = redis.call('TTL', KEYS[1])
+  if ttl >= 0 and ttl * 2 < tonumber(ARGV[1]) then
+    redis.call('EXPIRE', KEYS[1], ARGV[1])
+  end
 end
-return {blob, redis.call('HGETALL', KEYS[2]), redis.call('STRLEN', KEYS[3])}
+return {blob, redis.call('HGETALL', KEYS[2]), redis.call('STRLEN', KEYS[3]),
+        tonumber(redis.call('HGET', KEYS[4], 'start') or '0')}
 """
 
 _SCAN_BATCH = 1000
@@ -73,23 +132,48 @@ _SEED_CHUNK_USERS = 512
 """Users per seeding pipeline: large enough to amortise round trips, small enough to stream."""
 
 
+def connect(
+    url: str,
+    max_connections: int,
+    timeout_seconds: float,
+    retries: int,
+    backoff_seconds: float,
+) -> redis.Redis:
+    """The client: pooled, with a socket timeout on every call and an explicit retry policy
+    (redis-py's default retries up to 10 times with backoff, far past any request budget).
+
+    ``rediss://`` URLs get TLS and ``redis://:password@host`` authenticates; redis-py reads both
+    (and ``ssl_*`` query parameters) from the URL.
+    """
+    return redis.Redis.from_url(
+        url,
+        max_connections=max_connections,
+        socket_timeout=timeout_seconds,
+        socket_connect_timeout=timeout_seconds,
+        retry=Retry(
+            ExponentialWithJitterBackoff(cap=max(backoff_seconds * 8, 0.0), base=backoff_seconds),
+            retries,
+        ),
+        decode_responses=False,
+    )
+
+
 class RedisStore:
     def __init__(
         self,
         url: str,
         prefix: str = "ifa",
         max_connections: int = 64,
-        timeout_seconds: float = 1.0,
+        timeout_seconds: float = 0.25,
+        retries: int = 1,
+        backoff_seconds: float = 0.01,
+        limits: HistoryLimits | None = None,
     ) -> None:
         self.prefix = prefix
-        self._client: redis.Redis = redis.Redis.from_url(
-            url,
-            max_connections=max_connections,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
-            decode_responses=False,
-        )
+        self.limits = limits or HistoryLimits()
+        self._client = connect(url, max_connections, timeout_seconds, retries, backoff_seconds)
         self._append = self._client.register_script(_APPEND_SCRIPT)
+        self._read = self._client.register_script(_READ_SCRIPT)
         self._put_state = self._client.register_script(_PUT_STATE_SCRIPT)
         self._snapshot = self._client.register_script(_SNAPSHOT_SCRIPT)
 
@@ -99,7 +183,13 @@ class RedisStore:
     # -- behaviour log ----------------------------------------------------------------------
 
     async def append_events(self, events: Sequence[NewEvent]) -> AppendResult:
-        by_user: dict[int, list[bytes | str]] = defaultdict(list)
+        limits = self.limits
+        head: list[bytes | str | int] = [
+            limits.keep,
+            limits.trim_at,
+            limits.dedup_window,
+        ]
+        by_user: dict[int, list[bytes | str | int]] = defaultdict(list)
         for event in events:
             by_user[event.user_id] += [
                 event.event_id,
@@ -109,8 +199,12 @@ class RedisStore:
             async with self._client.pipeline(transaction=False) as pipe:
                 for user_id, args in by_user.items():
                     await self._append(
-                        keys=[self._key(user_id, "log"), self._key(user_id, "ids")],
-                        args=args,
+                        keys=[
+                            self._key(user_id, "log"),
+                            self._key(user_id, "eids"),
+                            self._key(user_id, "meta"),
+                        ],
+                        args=head + args,
                         client=pipe,
                     )
                 counts = await pipe.execute()
@@ -119,20 +213,15 @@ class RedisStore:
         accepted = sum(int(c) for c in counts)
         return AppendResult(accepted=accepted, duplicates=len(events) - accepted)
 
-    async def read_events(self, user_id: int, cursor: int) -> EventLog:
-        key = self._key(user_id, "log")
+    async def read_events(self, user_id: int, cursor: int, stop: int | None = None) -> EventLog:
+        keys = [self._key(user_id, "log"), self._key(user_id, "meta")]
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                # One MULTI so that the length and the bytes agree.
-                pipe.getrange(key, cursor * RECORD_BYTES, -1)
-                pipe.strlen(key)
-                data, length = await pipe.execute()
+            first, end, data = await self._read(
+                keys=keys, args=[cursor, -1 if stop is None else stop]
+            )
         except RedisError as error:
             raise StoreError(f"redis log read failed: {error}") from error
-        end = int(length) // RECORD_BYTES
-        if cursor >= end:
-            data = b""
-        return unpack_log(bytes(data), end=end)
+        return unpack_log(bytes(data), end=int(end), start=int(first))
 
     async def put_profile(self, user_id: int, attributes: Mapping[str, int]) -> None:
         if not attributes:
@@ -196,11 +285,18 @@ class RedisStore:
     # -- state cache ------------------------------------------------------------------------
 
     async def put_state(
-        self, version: str, user_id: int, blob: bytes, cursor: int, ttl_seconds: int
+        self,
+        version: str,
+        user_id: int,
+        blob: bytes,
+        cursor: int,
+        ttl_seconds: int,
+        replace: bool = False,
     ) -> bool:
         try:
             won = await self._put_state(
-                keys=[self._key(user_id, f"state:{version}")], args=[cursor, blob, ttl_seconds]
+                keys=[self._key(user_id, f"state:{version}")],
+                args=[cursor, blob, ttl_seconds, int(replace)],
             )
         except RedisError as error:
             raise StoreError(f"redis state write failed: {error}") from error
@@ -211,15 +307,17 @@ class RedisStore:
             self._key(user_id, f"state:{version}"),
             self._key(user_id, "profile"),
             self._key(user_id, "log"),
+            self._key(user_id, "meta"),
         ]
         try:
-            blob, profile, length = await self._snapshot(keys=keys, args=[ttl_seconds])
+            blob, profile, length, start = await self._snapshot(keys=keys, args=[ttl_seconds])
         except RedisError as error:
             raise StoreError(f"redis snapshot failed: {error}") from error
         return UserSnapshot(
             state=bytes(blob) if blob is not None else None,
             profile=_decode_profile(dict(zip(profile[::2], profile[1::2], strict=True))),
-            log_length=int(length) // RECORD_BYTES,
+            log_length=int(start) + int(length) // RECORD_BYTES,
+            log_start=int(start),
         )
 
     # -- lifecycle --------------------------------------------------------------------------

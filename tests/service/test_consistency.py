@@ -26,25 +26,6 @@ REQUEST_TIME = T0 + 23 * 86400.0
 ACTIONS = ["impression", "click", "long_view", "like"]
 
 
-@pytest.fixture(params=["plain", "decay"])
-def model_dir(request: pytest.FixtureRequest) -> Path:
-    name = "artifact_dir" if request.param == "plain" else "decay_artifact_dir"
-    path = request.getfixturevalue(name)
-    assert isinstance(path, Path)
-    return path
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-def store_settings(request: pytest.FixtureRequest) -> dict[str, Any]:
-    if request.param == "memory":
-        return {"store": "memory"}
-    return {
-        "store": "redis",
-        "redis_url": request.getfixturevalue("redis_url"),
-        "redis_prefix": request.getfixturevalue("redis_prefix"),
-    }
-
-
 def from_scratch(
     model_dir: Path, user_id: int, events: list[dict[str, Any]], candidates: list[int]
 ) -> dict[int, tuple[float, list[float]]]:

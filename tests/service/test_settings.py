@@ -141,3 +141,33 @@ def _child_environment() -> dict[str, str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("IFA_")}
     environment["PYTHONPATH"] = str(REPOSITORY)
     return environment
+
+
+def test_a_redis_url_alone_selects_the_redis_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A URL alone must never leave events in memory, where a restart loses them."""
+    monkeypatch.setenv("REDIS_URL", "redis://:pw@cache:6380/2")
+    settings = Settings()
+    assert (settings.store, settings.redis_url) == ("redis", "redis://:pw@cache:6380/2")
+    monkeypatch.delenv("REDIS_URL")
+    monkeypatch.setenv("IFA_REDIS_URL", "rediss://cache:6380/0")
+    assert Settings().store == "redis"
+
+
+def test_an_explicit_memory_store_wins_over_a_url_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://cache:6379/0")
+    monkeypatch.setenv("IFA_STORE", "memory")
+    with caplog.at_level("WARNING", logger="service"):
+        assert Settings().store == "memory"
+    assert "the Redis URL given is not used" in caplog.text
+
+
+def test_without_a_url_the_store_is_in_memory() -> None:
+    assert Settings().store == "memory"
+
+
+def test_the_history_cap_defaults_to_the_training_window() -> None:
+    assert Settings().resolved_max_history(None) == 1000
+    assert Settings().resolved_max_history(250) == 250
+    assert Settings(max_history=64).resolved_max_history(250) == 64

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import redis as redis_sync
 
-from service.stores.base import NewEvent, SeedHistories, Store
+from loadtest.harness import redis_process
+from service.stores.base import HistoryLimits, NewEvent, SeedHistories, Store, StoreError
 from service.stores.memory import MemoryStore
 from service.stores.records import pack_records
 from service.stores.redis import RedisStore
@@ -154,7 +156,7 @@ async def test_redis_keys_share_the_users_hash_tag(redis_url: str, redis_prefix:
     client = redis_sync.Redis.from_url(redis_url)
     keys = sorted(k.decode() for k in client.scan_iter(match=f"{redis_prefix}:*"))
     assert keys == [
-        f"{redis_prefix}:{{u:77}}:{part}" for part in ("ids", "log", "profile", "state:v9")
+        f"{redis_prefix}:{{u:77}}:{part}" for part in ("eids", "log", "profile", "state:v9")
     ]
     assert 0 < client.ttl(f"{redis_prefix}:{{u:77}}:state:v9") <= TTL
     client.close()
@@ -171,3 +173,105 @@ async def test_an_unreachable_redis_raises_store_errors() -> None:
             await store.snapshot("v", 1, TTL)
     finally:
         await store.close()
+
+
+def limited(store: Store, max_history: int, dedup_window: int) -> Store:
+    """The same backend with other :class:`HistoryLimits` (both stores keep them as ``limits``)."""
+    store.limits = HistoryLimits(max_history=max_history, dedup_window=dedup_window)  # type: ignore[attr-defined]
+    return store
+
+
+async def test_a_long_log_is_cut_and_positions_stay_absolute(store: Store) -> None:
+    store = limited(store, max_history=4, dedup_window=100)
+    for i in range(11):
+        await store.append_events([event(f"e{i}", 30, 100 + i, 1000.0 + i)])
+    snapshot = await store.snapshot("v", 30, TTL)
+    # Cut at 2·4 records down to 4 + 2 (after the 8th and the 10th event): positions 4..10.
+    assert (snapshot.log_start, snapshot.log_length) == (4, 11)
+    log = await store.read_events(30, 0)
+    assert log.positions.tolist() == list(range(4, 11))
+    assert log.item_ids.tolist() == list(range(104, 111))
+    assert (await store.read_events(30, 9)).item_ids.tolist() == [109, 110]
+    window = await store.read_events(30, 5, 7)
+    assert (window.positions.tolist(), window.end) == ([5, 6], 11)
+
+
+async def test_event_ids_are_remembered_over_the_dedup_window_only(store: Store) -> None:
+    store = limited(store, max_history=100, dedup_window=3)
+    for i in range(5):
+        await store.append_events([event(f"e{i}", 31, i, 10.0 + i)])
+    # e2..e4 are the last three: retries of them are duplicates.
+    result = await store.append_events([event("e4", 31, 4, 14.0), event("e2", 31, 2, 12.0)])
+    assert (result.accepted, result.duplicates) == (0, 2)
+    # e0 fell out of the window: appended again (the documented limit of idempotency).
+    assert (await store.append_events([event("e0", 31, 0, 10.0)])).accepted == 1
+
+
+async def test_replace_writes_over_a_larger_cursor(store: Store) -> None:
+    await store.put_state("v1", 32, b"wrong", 99, TTL)
+    assert not await store.put_state("v1", 32, b"right", 3, TTL)
+    assert await store.put_state("v1", 32, b"right", 3, TTL, replace=True)
+    assert (await store.snapshot("v1", 32, TTL)).state == b"right"
+
+
+@pytest.mark.redis
+async def test_a_read_refreshes_the_ttl_only_when_less_than_half_is_left(
+    redis_url: str, redis_prefix: str
+) -> None:
+    store = RedisStore(redis_url, prefix=redis_prefix)
+    client = redis_sync.Redis.from_url(redis_url)
+    key = f"{redis_prefix}:{{u:33}}:state:v1"
+    try:
+        await store.put_state("v1", 33, b"s", 1, 100)
+        await store.snapshot("v1", 33, 150)  # 100 s left of 150: more than half, no write
+        assert 95 <= client.ttl(key) <= 100
+        await store.snapshot("v1", 33, 1000)  # 100 s left of 1000: refreshed
+        assert client.ttl(key) > 900
+    finally:
+        await store.close()
+        client.close()
+
+
+async def test_the_memory_store_refreshes_the_ttl_only_when_less_than_half_is_left() -> None:
+    now = [0.0]
+    store = MemoryStore(clock=lambda: now[0])
+    await store.put_state("v1", 34, b"s", 1, 100)
+    now[0] = 40.0
+    await store.snapshot("v1", 34, 100)  # 60 s left of 100: kept as it is
+    now[0] = 101.0
+    assert (await store.snapshot("v1", 34, 100)).state is None
+    await store.put_state("v1", 34, b"s", 1, 100)
+    now[0] = 160.0
+    await store.snapshot("v1", 34, 100)  # 41 s left: refreshed to 100 from now
+    now[0] = 250.0
+    assert (await store.snapshot("v1", 34, 100)).state == b"s"
+
+
+@pytest.mark.redis
+async def test_a_password_in_the_redis_url_authenticates(tmp_path: Path) -> None:
+    with redis_process(tmp_path, password="s3cret") as server:
+        store = RedisStore(server.url, prefix="auth")
+        anonymous = RedisStore(server.url.replace(":s3cret@", ""), prefix="auth", retries=0)
+        try:
+            assert (await store.append_events([event("a", 1, 2, 3.0)])).accepted == 1
+            with pytest.raises(StoreError):
+                await anonymous.snapshot("v", 1, TTL)
+        finally:
+            await store.close()
+            await anonymous.close()
+
+
+@pytest.mark.redis
+async def test_a_rediss_url_talks_tls(tmp_path: Path) -> None:
+    with redis_process(tmp_path, password="s3cret", tls=True) as server:
+        assert server.url.startswith("rediss://:s3cret@")
+        store = RedisStore(server.url, prefix="tls")
+        plain = RedisStore(f"redis://:s3cret@127.0.0.1:{server.port}/0", prefix="tls", retries=0)
+        try:
+            assert (await store.append_events([event("a", 1, 2, 3.0)])).accepted == 1
+            assert (await store.snapshot("v", 1, TTL)).log_length == 1
+            with pytest.raises(StoreError):
+                await plain.snapshot("v", 1, TTL)
+        finally:
+            await store.close()
+            await plain.close()
