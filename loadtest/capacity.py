@@ -10,8 +10,9 @@ On this machine, bounded in time, all traffic to 127.0.0.1:
 2. for each configuration (:data:`CONFIGS`: today's single worker, the new defaults, ...)
    ``python -m service`` starts on the Redis store with its arrival log on, and every user is
    ranked once so that the state cache is warm;
-3. each step offers one rate of a 4:1 /rank:/events mix (``--candidates`` per /rank) with the
-   schedule-driven generator of :mod:`loadtest.openloop`: Poisson arrival times fixed in
+3. after an unrecorded 5 s step, each step offers one rate of a 4:1 /rank:/events mix
+   (``--candidates`` per /rank) with the schedule-driven generator of
+   :mod:`loadtest.openloop`: Poisson arrival times fixed in
    advance, latency from the intended send (wrk2's rule). The service's arrival log checks that
    what arrived was what was offered (the most arrivals in 20 ms against a Poisson stream's), and
    the generator's own lag and CPU share say whether it, not the service, was the limit;
@@ -73,6 +74,8 @@ REDIS_PREFIX = "ifa"
 LOCUST_USER_RPS = 2.0
 """Tasks/s of one Locust user: offered load = users × this, so each user's slack (500 ms) stays
 far above any latency that matters."""
+WARMUP_STEP_SECONDS = 5.0
+"""An unrecorded open-loop step at a configuration's first rate, before its curve."""
 SETTLE_SECONDS = 2.0
 """Pause after each step, so the service has drained before the next one starts."""
 GENERATOR_LAG_LIMIT_MS = 5.0
@@ -463,6 +466,10 @@ def run_curve(
     locust: list[LocustStep] = []
     failing = 0
     rates = args.rates.get(config.name, config.rates)
+    # An unrecorded step first: the first seconds after the cache warm-up pay for collecting
+    # its garbage and settling the workers, which no later step does.
+    run_open_loop_step(service, arrival_dir, traffic, rates[0], WARMUP_STEP_SECONDS, rng)
+    time.sleep(SETTLE_SECONDS)
     for rate in rates:
         step = run_open_loop_step(service, arrival_dir, traffic, rate, args.step_seconds, rng)
         steps.append(step)
