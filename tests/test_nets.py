@@ -39,11 +39,7 @@ BASELINES = [
 # Small K and L so that the sequences below overflow them and selection really matters.
 SMALL = {name: {"recent": 7} for name in ("din", "din_softmax")}
 SMALL.update(
-    {
-        name: {"top_k": 5}
-        for name in BASELINES
-        if name.startswith(("twin", "sim_", "ifa_no_fsm"))
-    }
+    {name: {"top_k": 5} for name in BASELINES if name.startswith(("twin", "sim_", "ifa_no_fsm"))}
 )
 
 

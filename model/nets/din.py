@@ -14,6 +14,7 @@ everything older than the last L behaviours is invisible to it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 from torch import Tensor, nn
@@ -64,7 +65,7 @@ class ActivationUnit(nn.Module):
         self.first = nn.Linear(4 * width, first)
         # One PReLU slope per layer: nn.PReLU's per-channel form reads dim 1, not the last.
         layers: list[nn.Module] = [nn.PReLU()]
-        for h_in, h_out in zip(hidden[:-1], hidden[1:], strict=True):
+        for h_in, h_out in pairwise(hidden):
             layers += [nn.Linear(h_in, h_out), nn.PReLU()]
         layers.append(nn.Linear(hidden[-1], 1))
         self.rest = nn.Sequential(*layers)
