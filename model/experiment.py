@@ -80,6 +80,9 @@ class Protocol:
     net_overrides: tuple[tuple[str, Any], ...] = (("key_dim", 32),)
     """Config fields set for every network alike (NetConfig fields all of them share)."""
     burn_in: int = 0
+    save_predictions: bool = False
+    """Keep each run's per-candidate predictions (the fair study's metrics are computed from
+    them); not part of the tag: it changes what is written, not what is trained."""
 
     @property
     def tag(self) -> str:
@@ -104,6 +107,7 @@ class Protocol:
             net_overrides=dict(self.net_overrides),
             burn_in=self.burn_in,
             out=out,
+            save_predictions=self.save_predictions,
             progress=False,
         )
 
@@ -159,9 +163,11 @@ def ensure_world(preset: str, seed: int, root: Path = WORLDS) -> Path:
 def ensure_movielens(root: Path = WORLDS) -> Path:
     from model.movielens import write_movielens_world
 
-    path = root / "movielens-100k"
+    # The name carries the candidate rule: a world built with the earlier rule (negatives judged
+    # over the whole timeline) must not be reused for this one.
+    path = root / "movielens-100k-asof"
     if not (path / "world.json").is_file():
-        staging = root / f".movielens-100k.staging-{os.getpid()}"
+        staging = root / f".movielens-100k-asof.staging-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         print(f"converting MovieLens 100K into {path}", flush=True)
         write_movielens_world(staging)

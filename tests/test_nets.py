@@ -34,7 +34,7 @@ from tests.factories import random_request, small_spec
 BASELINES = [
     "avgpool", "din", "din_softmax", "sim_hard", "sim_hard_mass", "sim_soft", "twin",
     "twin_k100", "twin_k200", "twin_mass", "twin_k100_mass", "twin_k200_mass",
-    "ifa_no_fsm", "ifa_no_fsm_ram", "ifa_no_degree",
+    "ifa_no_fsm", "ifa_no_fsm_ram", "ifa_no_degree", "ifa_no_ram",
 ]  # fmt: skip
 # Small K and L so that the sequences below overflow them and selection really matters.
 SMALL = {name: {"recent": 7} for name in ("din", "din_softmax")}

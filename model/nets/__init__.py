@@ -11,7 +11,7 @@ from model.features import FeatureSpec
 from model.layers import NetConfig
 from model.nets.avgpool import AvgPool, AvgPoolConfig
 from model.nets.din import DIN, DINConfig, DINSoftmax, DINSoftmaxConfig
-from model.nets.ifa import IFA, IFAConfig, IFANoDegreeConfig
+from model.nets.ifa import IFA, IFAConfig, IFANoDegreeConfig, IFANoRAMConfig
 from model.nets.sim_hard import SIMHard, SIMHardConfig, SIMHardMassConfig
 from model.nets.sim_soft import SIMSoft, SIMSoftConfig
 from model.nets.twin import (
@@ -46,6 +46,7 @@ NETS: dict[str, tuple[type[nn.Module], type[NetConfig]]] = {
     "ifa_no_fsm_ram": (TWIN, TWINConfig),
     # Not in the paper: IFA without the degree feature, i.e. the normalised read of Eq. 6 alone.
     "ifa_no_degree": (IFA, IFANoDegreeConfig),
+    "ifa_no_ram": (IFA, IFANoRAMConfig),
 }
 
 
