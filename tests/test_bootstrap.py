@@ -26,7 +26,9 @@ def _stream(seed: int = 0, n_requests: int = 30, per: int = 8):
 
 def _resampled(counts_row, labels, probs, group, weight):
     """The stream with each request repeated as often as the replicate draws it (new ids)."""
-    take, new_group, new_weight = [], [], []
+    take: list[np.ndarray] = []
+    new_group: list[np.ndarray] = []
+    new_weight: list[float] = []
     for r, k in enumerate(counts_row.astype(int)):
         for _ in range(k):
             take.append(np.flatnonzero(group == r))
