@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from model.catalogue import Catalogue
-from model.features import FeatureSpec
+from model.features import DEFAULT_MAX_HISTORY, FeatureSpec
 from model.linear_attention import fold_in
 
 FORMATS: tuple[str, ...] = ("torchscript", "export", "aoti", "eager")
@@ -114,6 +114,9 @@ class Manifest:
     catalogue_items: int = 0
     checkpoint_file: str = CHECKPOINT_FILE
     schema: int = MANIFEST_SCHEMA
+    max_history: int | None = DEFAULT_MAX_HISTORY
+    """The history window the model was trained with (most recent events per request); the
+    service keeps the same window per user. None: trained on whole histories."""
 
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec.from_dict(self.spec)

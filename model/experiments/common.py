@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from model.features import OBJECTIVES
+from model.features import DEFAULT_MAX_HISTORY, OBJECTIVES
 from model.nets import net_config
 from model.train import TrainSettings, train
 
@@ -63,7 +63,7 @@ class Protocol:
     batch_size: int = 16
     lr: float = 1e-2
     epochs: int = 1
-    max_history: int | None = 1000
+    max_history: int | None = DEFAULT_MAX_HISTORY
     warmup: float = 0.1
     threads: int = 1
     net_overrides: tuple[tuple[str, Any], ...] = (("key_dim", 32),)

@@ -382,8 +382,7 @@ def fair(options: Options) -> Report:
         "**Where IFA wins, ties and loses** (click GAUC against the best fair baseline of each "
         "world; paired bootstrap, 95%):\n\n"
         "| world | best fair baseline | IFA (paper) | IFA+degree | seeds run |\n"
-        "|---|---|---|---|---|\n"
-        + "\n".join(rows)
+        "|---|---|---|---|---|\n" + "\n".join(rows)
     )
     what = (
         f"Worlds: presets {', '.join(presets)} generated with seed {WORLD_SEED}. Design choices "
