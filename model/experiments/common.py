@@ -33,7 +33,11 @@ WORLDS = Path("data/worlds")
 RUNS = Path("runs/experiments")
 SEEDS: tuple[int, ...] = (0, 1, 2)
 
-TABLE2_NETS: tuple[str, ...] = ("avgpool", "din", "sim_hard", "sim_soft", "twin", "ifa")
+TABLE2_NETS: tuple[str, ...] = (
+    "avgpool", "din", "din_softmax", "sim_hard", "sim_soft", "twin", "ifa_no_degree", "ifa"
+)  # fmt: skip
+"""DIN in its published form and the softmax variant; IFA as the paper defines it (no degree)
+and with the degree feature, as separate rows."""
 TABLE3_NETS: tuple[str, ...] = ("ifa", "ifa_no_fsm", "ifa_no_fsm_ram", "ifa_no_degree")
 """The paper's three rows, then IFA without its degree feature (our addition)."""
 HISTORY_NETS: tuple[str, ...] = ("ifa", "ifa_no_fsm", "twin", "sim_hard")
@@ -41,18 +45,20 @@ SAME_RUNS = {"ifa_no_fsm_ram": "twin"}
 """Registry aliases with identical class and config: their runs are shared, not repeated."""
 LABELS = {
     "avgpool": "AvgPooling",
-    "din": "DIN",
+    "din": "DIN (paper)",
+    "din_softmax": "DIN-softmax",
     "sim_hard": "SIM_hard",
     "sim_soft": "SIM_soft",
     "twin": "TWIN",
-    "ifa": "IFA",
+    "ifa": "IFA+degree",
     "ifa_no_fsm": "IFA-FSM",
     "ifa_no_fsm_ram": "IFA-FSM-RAM",
-    "ifa_no_degree": "IFA-degree",
+    "ifa_no_degree": "IFA (paper)",
 }
 # Cheapest last, so that two workers finish together.
 COST_ORDER = (
-    "sim_soft", "sim_hard", "ifa_no_fsm", "twin", "ifa", "ifa_no_degree", "din", "avgpool"
+    "sim_soft", "sim_hard", "ifa_no_fsm", "twin", "ifa", "ifa_no_degree", "din", "din_softmax",
+    "avgpool",
 )  # fmt: skip
 
 

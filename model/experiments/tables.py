@@ -51,7 +51,7 @@ def table2(options: Options) -> Report:
         True,
     )
     check = (
-        "**IFA vs TWIN** (per-seed paired difference; criterion: mean gap > 2 × the larger "
+        "**IFA+degree vs TWIN** (per-seed paired difference; criterion: mean gap > 2 × the larger "
         "seed-to-seed std of the two models):\n\n| objective | IFA − TWIN | paired std | "
         "seed std | gap / seed std |\n|---|---|---|---|---|\n"
         + "\n".join(
@@ -110,7 +110,7 @@ def table3(options: Options) -> Report:
     )
     gap_lines = [
         "| objective | IFA − IFA-FSM (FSM) | IFA-FSM − IFA-FSM-RAM (RAM) | paper's order | "
-        "IFA − IFA-degree (degree) |"
+        "IFA+degree − IFA (paper) (degree) |"
     ]
     gap_lines.append("|---|---|---|---|---|")
     for o in OBJECTIVES:
@@ -126,8 +126,9 @@ def table3(options: Options) -> Report:
         [
             trained.setup()
             + " IFA-FSM-RAM is TWIN (same class and config), so its runs are the TWIN runs of "
-            "table2, as in the paper. IFA-degree is not in the paper: IFA whose towers get only "
-            "the normalised read D⁻¹φ(Q)S of Eq. 6, without the degree φ(q)ᵀz.",
+            "table2, as in the paper. IFA (paper) is IFA as the paper defines it: its towers get "
+            "only the normalised read D⁻¹φ(Q)S of Eq. 6. IFA+degree (this project's default) "
+            "also feeds them the log degree log(1 + φ(q)ᵀz), which the paper does not.",
             table,
             "**Contribution of each component** (per-seed paired differences):\n\n"
             + "\n".join(gap_lines),
@@ -238,7 +239,7 @@ def _mechanisms_table2(stats: dict[str, dict[str, tuple[float, float]]]) -> list
             "the relu kernel that mass is a count of the events the head finds related, in "
             "every category and beyond any K = 50; the world's relevance is exactly such a "
             "count (log1p of the topic engagement, against log1p of the total), and a softmax "
-            "over a sub-sequence reports shares, never counts. Table 3's IFA-degree row "
+            "over a sub-sequence reports shares, never counts. Table 3's IFA (paper) row "
             "measures how much of IFA's lead this is."
         )
     if click["ifa"] > max(click[n] for n in stats if n != "ifa"):
@@ -251,7 +252,7 @@ def _mechanisms_table2(stats: dict[str, dict[str, tuple[float, float]]]) -> list
         out.append(
             "IFA does not beat TWIN on click: whatever the full sequence adds in this world "
             "(counts beyond K = 50, the category mix of the whole history) has not reached its "
-            "score in one pass; Table 3's IFA-degree row shows how much the degree carries."
+            "score in one pass; Table 3's IFA (paper) row shows how much the degree carries."
         )
     return out
 
@@ -366,7 +367,7 @@ def interpret_table3(
                 else "Without its degree feature IFA is still above IFA-FSM on every "
                 "objective: the degree is part of what FSM adds, not all of it."
             )
-            + " IFA-degree reads the whole sequence too, but only through the normalised read "
+            + " IFA (paper) reads the whole sequence too, but only through the normalised read "
             "D⁻¹φ(Q)S, a weighted mean of values: like TWIN's softmax over its top 50 it says "
             "where the user's attention mass lies, not how much of it there is. The degree "
             "φ(q)ᵀz is that amount; with the relu kernel, which is zero between items a head "
