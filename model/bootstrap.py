@@ -21,7 +21,7 @@ from model.metrics import (
     per_request_auc,
 )
 
-N_REPLICATES = 200
+N_REPLICATES = 100
 
 
 def replicate_counts(n_requests: int, n_replicates: int, seed: int = 0) -> np.ndarray:
