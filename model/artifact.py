@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from model.catalogue import Catalogue
-from model.features import FeatureSpec
+from model.features import DEFAULT_MAX_HISTORY, FeatureSpec
 from model.linear_attention import fold_in
 
 FORMATS: tuple[str, ...] = ("torchscript", "export", "aoti", "eager")
@@ -156,9 +156,10 @@ class Manifest:
     encoder weights) and the catalogue (:func:`state_version`); fusion and scorer-only weights are
     not in it, so re-exporting with new fusion weights keeps every cached state. None in
     artefacts older than it: :func:`artifact_state_version` derives one from the files."""
-    max_history: int | None = None
-    """Events of a user's history the model was trained on (the most recent); the service caps
-    each user's history at it unless configured otherwise. None: not recorded."""
+    max_history: int | None = DEFAULT_MAX_HISTORY
+    """The history window the model was trained with (most recent events per request); the
+    service keeps the same window per user unless configured otherwise. None: trained on whole
+    histories (the service then keeps its own default cap, as storage must stay bounded)."""
 
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec.from_dict(self.spec)

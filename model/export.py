@@ -49,7 +49,7 @@ from model.artifact import (
 )
 from model.catalogue import Catalogue
 from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from model.features import OBJECTIVES, FeatureSpec, Field
+from model.features import DEFAULT_MAX_HISTORY, OBJECTIVES, FeatureSpec, Field
 from model.nets import config_of
 from model.nets.ifa import IFA
 from model.serving import (
@@ -344,7 +344,21 @@ def _build(
         state_version=state_version(
             checkpoint.net_name, config_of(net), spec, net.state_dict(), catalogue
         ),
+        max_history=training_window(metadata),
     )
+
+
+def training_window(metadata: dict[str, Any]) -> int | None:
+    """The history window of the training run a checkpoint's metadata describes.
+
+    Runs record their settings (``model.train``); a checkpoint without them (written by hand,
+    or before runs recorded settings) was trained under the default window.
+    """
+    settings = metadata.get("settings")
+    if isinstance(settings, dict) and "max_history" in settings:
+        window = settings["max_history"]
+        return None if window is None else int(window)
+    return DEFAULT_MAX_HISTORY
 
 
 def _reason(exc: BaseException) -> str:

@@ -33,6 +33,10 @@ ACTIONS: tuple[str, ...] = ("impression", "click", "long_view", "like")
 OBJECTIVES: tuple[str, ...] = ("impression", "click", "long_view", "like")
 """Model outputs, in column order: p(impression) then p(action | impression) per action."""
 
+DEFAULT_MAX_HISTORY = 1000
+"""The history window: training keeps each request's most recent events, and the service keeps
+the same number per user (the artefact's manifest carries the window it was trained with)."""
+
 SECONDS_PER_HOUR = 3600.0
 SECONDS_PER_DAY = 86400.0
 

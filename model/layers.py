@@ -346,3 +346,36 @@ class InterestNet(nn.Module, ABC):
 def candidate_queries(user: Tensor, candidates: Tensor) -> Tensor:
     """The attention query of every candidate, as IFA builds it: [item ; user] (B, M, di + du)."""
     return torch.cat([candidates, user[:, None, :].expand(-1, candidates.shape[1], -1)], dim=-1)
+
+
+# -- the whole-history mass a sub-sequence model can have for one reduction --------------------
+
+
+def log_sum_exp_mass(scores: Tensor, mask: Tensor) -> Tensor:
+    """log Σ_j exp(s_j) over the real events of each row; 0 for a row with none.
+
+    scores (..., N) finite; mask broadcastable to scores. Unlike a softmax over the events this
+    keeps their number: a history with every event twice scores log 2 higher. Masked entries are
+    filled with a large finite negative rather than -inf, so an empty row has a finite gradient.
+    """
+    mask = mask.expand_as(scores)
+    filled = scores.masked_fill(~mask, -1e4)
+    mass = torch.logsumexp(filled, dim=-1)
+    return torch.where(mask.any(dim=-1), mass, torch.zeros_like(mass))
+
+
+class MassFeature(nn.Module):
+    """Interest vector + per-candidate mass features -> interest vector of the same width.
+
+    The "+mass" baselines append what their production form has cheaply besides its sub-sequence
+    (TWIN: the log-sum-exp of the GSU scores over the whole sequence; SIM-hard: the log count of
+    same-category events), so a comparison with IFA's degree is on the same information.
+    """
+
+    def __init__(self, interest_dim: int, n_mass: int):
+        super().__init__()
+        self.mix = nn.Linear(interest_dim + n_mass, interest_dim)
+
+    def forward(self, interest: Tensor, mass: Tensor) -> Tensor:
+        """interest (B, M, d), mass (B, M, n_mass) -> (B, M, d)."""
+        return self.mix(torch.cat([interest, mass], dim=-1))

@@ -121,4 +121,3 @@ def explicit_attention(
         w = w * weights[:, :, None, :]
     scores = scores * w
     return scores @ values / (scores.sum(dim=-1, keepdim=True) + eps)
-

@@ -74,3 +74,111 @@ def bucketed_aucs(
         row.update(objective_aucs(labels[inside], scores[inside], objectives))
         out.append(row)
     return out
+
+
+# -- per-request ranking and probability quality -------------------------------------------
+
+
+def request_index(request_rows: np.ndarray) -> np.ndarray:
+    """Dense request index 0..R-1 of each sample, from any per-sample request identifiers."""
+    return np.unique(np.asarray(request_rows), return_inverse=True)[1].astype(np.int64)
+
+
+def per_request_auc(labels: np.ndarray, scores: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """AUC of each request (R,) by the rank statistic within the request, ties counting ½.
+
+    ``group`` (n,) dense request index (see :func:`request_index`). NaN for a request whose
+    labels are all one class. One lexsort for all requests: no Python loop over them.
+    """
+    positive = np.asarray(labels).astype(bool).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    group = np.asarray(group, dtype=np.int64).ravel()
+    n_groups = int(group.max()) + 1 if len(group) else 0
+    order = np.lexsort((scores, group))
+    g, s = group[order], scores[order]
+    # Runs of equal (request, score) share the mean of their within-request ranks.
+    new_run = np.r_[True, (g[1:] != g[:-1]) | (s[1:] != s[:-1])]
+    run_start = np.flatnonzero(new_run)
+    run_end = np.r_[run_start[1:], len(s)]
+    group_start = np.searchsorted(g, np.arange(n_groups))
+    mean_position = (run_start + run_end - 1) / 2.0  # 0-based mean position of each run
+    ranks = np.empty(len(s))
+    ranks[order] = np.repeat(mean_position, run_end - run_start) - group_start[g] + 1.0
+    n_pos = np.bincount(group, weights=positive, minlength=n_groups)
+    n_all = np.bincount(group, minlength=n_groups)
+    n_neg = n_all - n_pos
+    rank_sum = np.bincount(group, weights=np.where(positive, ranks, 0.0), minlength=n_groups)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+
+
+def gauc(labels: np.ndarray, scores: np.ndarray, group: np.ndarray, weights: np.ndarray) -> float:
+    """Group AUC: Σ_r w_r AUC_r / Σ_r w_r over the requests whose AUC is defined.
+
+    ``weights`` (R,) per request; the studies use each request's number of impressions, so a
+    request the user saw more of counts more (the per-user/per-request GAUC of the DIN paper).
+    """
+    auc = per_request_auc(labels, scores, group)
+    ok = ~np.isnan(auc) & (np.asarray(weights) > 0)
+    total = float(np.asarray(weights)[ok].sum())
+    return float((auc[ok] * np.asarray(weights)[ok]).sum() / total) if total else float("nan")
+
+
+PROBABILITY_FLOOR = 1e-7
+"""Probabilities are clipped to [floor, 1 − floor] for log loss: one confident mistake in
+float32 must not make the mean infinite."""
+
+
+def log_losses(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Binary cross entropy of each sample (n,), natural log."""
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    p = np.clip(np.asarray(probabilities, dtype=np.float64).ravel(), PROBABILITY_FLOOR, 1.0)
+    p = np.minimum(p, 1.0 - PROBABILITY_FLOOR)
+    return -(y * np.log(p) + (1.0 - y) * np.log1p(-p))
+
+
+def log_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """Mean binary cross entropy (natural log)."""
+    return float(log_losses(labels, probabilities).mean())
+
+
+CALIBRATION_BINS = 10
+
+
+def calibration_bins(probabilities: np.ndarray, bins: int = CALIBRATION_BINS) -> np.ndarray:
+    """Equal-width bin of each probability in [0, 1] (1.0 falls in the last bin)."""
+    p = np.asarray(probabilities, dtype=np.float64).ravel()
+    return np.minimum((p * bins).astype(np.int64), bins - 1)
+
+
+def expected_calibration_error(
+    labels: np.ndarray, probabilities: np.ndarray, bins: int = CALIBRATION_BINS
+) -> float:
+    """ECE: Σ_b (n_b / n) · |mean prediction_b − positive rate_b| over equal-width bins."""
+    p = np.asarray(probabilities, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    b = calibration_bins(p, bins)
+    count = np.bincount(b, minlength=bins)
+    gap = np.abs(
+        np.bincount(b, weights=p, minlength=bins) - np.bincount(b, weights=y, minlength=bins)
+    )
+    return float(gap.sum() / max(count.sum(), 1))
+
+
+def weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> float:
+    """AUC with sample weights (a bootstrap replicate's multiplicities): the weighted share of
+    positive/negative pairs ordered correctly, ties ½. Equals :func:`roc_auc` for unit weights."""
+    positive = np.asarray(labels).astype(bool).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    w = np.asarray(weights, dtype=np.float64).ravel()
+    order = np.argsort(scores, kind="mergesort")
+    s, pos, w = scores[order], positive[order], w[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    w_pos = np.add.reduceat(np.where(pos, w, 0.0), starts)
+    w_neg = np.add.reduceat(np.where(pos, 0.0, w), starts)
+    below = np.cumsum(w_neg) - w_neg  # negative weight strictly below each tie group
+    total_pos, total_neg = w_pos.sum(), w_neg.sum()
+    if total_pos == 0 or total_neg == 0:
+        return float("nan")
+    return float((w_pos * (below + 0.5 * w_neg)).sum() / (total_pos * total_neg))

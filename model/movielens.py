@@ -16,9 +16,12 @@ it) and mapped onto the ranking task as follows:
   ratings are in the past, at the midpoint between the last past rating and the next one.
 * **Candidates.** The user's next ``n_next`` rated items (impressed: ``y_impression = 1``;
   ``y_click`` = rating >= 4, ``y_long_view`` = the rule above, ``y_like`` = rating 5) plus
-  ``n_negatives`` items the user never rated at all, drawn without replacement in proportion to
-  their rating counts (popular negatives, so that "popular" alone does not separate them), not
-  impressed. Candidate order is shuffled.
+  ``n_negatives`` items, not impressed, drawn without replacement in proportion to their
+  popularity *as of the request time* (ratings by anyone before it: popular negatives, so that
+  "popular" alone does not separate them) among the items that exist then (someone has rated
+  them) and that the user has not rated before it (nor are among the positives). Nothing after
+  the request decides a negative. A request at which fewer than ``n_negatives`` items qualify
+  (the first hours of the data) is left out. Candidate order is shuffled.
 * **Fields.** Category = the first listed genre (19 genres, the GroupLens ``u.genre`` order);
   author = release year (-1, out of vocabulary, where it is missing); topic = the item's whole
   genre combination (a descriptive column; no model sees it). Profile: ``age_group`` in the
@@ -172,35 +175,56 @@ def load_movielens(
     }
     outcomes = np.stack([np.ones(len(user), dtype=bool), clicked, long_view, liked], axis=1)
 
-    rng = np.random.default_rng(seed)
-    popularity = np.bincount(item_row, minlength=len(items["item_id"])).astype(np.float64)
+    # Requests: every ``stride`` ratings of a user once ``min_history`` are in the past.
     user_starts = np.searchsorted(user, users["user_id"])
     user_ends = np.searchsorted(user, users["user_id"], side="right")
+    slots = [
+        (int(uid), int(lo), first_next, min(first_next + n_next, int(hi)))
+        for uid, lo, hi in zip(users["user_id"], user_starts, user_ends, strict=True)
+        for first_next in range(int(lo) + min_history, int(hi), stride)
+    ]
+    times = np.array([0.5 * (timestamp[f - 1] + timestamp[f]) for _, _, f, _ in slots])
     req: dict[str, list[Any]] = {
         k: [] for k in ("user_id", "request_time", "history_start", "history_end")
     }
     cand: dict[str, list[np.ndarray]] = {"item_id": [], "source": [], "labels": []}
-    for uid, lo, hi in zip(users["user_id"], user_starts, user_ends, strict=True):
-        unrated = popularity.copy()
-        unrated[item_row[lo:hi]] = 0.0
-        for first_next in range(lo + min_history, hi, stride):
-            nxt = np.arange(first_next, min(first_next + n_next, hi))
-            negatives = rng.choice(
-                len(unrated), size=n_negatives, replace=False, p=unrated / unrated.sum()
-            )
-            ids = np.concatenate([item[nxt], items["item_id"][negatives]])
-            labels = np.concatenate(
-                [outcomes[nxt], np.zeros((n_negatives, len(OBJECTIVES)), dtype=bool)]
-            )
-            sources = np.repeat(np.arange(2, dtype=np.int8), [len(nxt), n_negatives])
-            shuffle = rng.permutation(len(ids))
-            req["user_id"].append(int(uid))
-            req["request_time"].append(0.5 * (timestamp[first_next - 1] + timestamp[first_next]))
-            req["history_start"].append(int(lo))
-            req["history_end"].append(int(first_next))
-            cand["item_id"].append(ids[shuffle])
-            cand["source"].append(sources[shuffle])
-            cand["labels"].append(labels[shuffle])
+    # Negatives see only the past: the catalogue and each item's popularity are those of the
+    # ratings before the request (in time order over all users), so an item nobody has rated
+    # yet is never a candidate and popularity never counts a future rating.
+    by_time = np.argsort(timestamp, kind="stable")
+    popularity = np.zeros(len(items["item_id"]), dtype=np.float64)
+    seen = 0
+    for k in np.argsort(times, kind="stable"):
+        uid, lo, first_next, next_end = slots[k]
+        request_time = times[k]
+        while seen < len(by_time) and timestamp[by_time[seen]] < request_time:
+            popularity[item_row[by_time[seen]]] += 1.0
+            seen += 1
+        eligible = popularity.copy()
+        eligible[item_row[lo:first_next]] = 0.0  # rated by the user already
+        nxt = np.arange(first_next, next_end)
+        eligible[item_row[nxt]] = 0.0  # the positives themselves
+        if np.count_nonzero(eligible) < n_negatives:
+            continue  # the first hours of the data: too few items exist yet
+        # One generator per request, keyed by its user and history length: the draw of one
+        # request never depends on how many requests (or ratings) come after it.
+        rng = np.random.default_rng([seed, uid, first_next - lo])
+        negatives = rng.choice(
+            len(eligible), size=n_negatives, replace=False, p=eligible / eligible.sum()
+        )
+        ids = np.concatenate([item[nxt], items["item_id"][negatives]])
+        labels = np.concatenate(
+            [outcomes[nxt], np.zeros((n_negatives, len(OBJECTIVES)), dtype=bool)]
+        )
+        sources = np.repeat(np.arange(2, dtype=np.int8), [len(nxt), n_negatives])
+        shuffle = rng.permutation(len(ids))
+        req["user_id"].append(uid)
+        req["request_time"].append(request_time)
+        req["history_start"].append(lo)
+        req["history_end"].append(first_next)
+        cand["item_id"].append(ids[shuffle])
+        cand["source"].append(sources[shuffle])
+        cand["labels"].append(labels[shuffle])
 
     request_order = np.argsort(np.asarray(req["request_time"]), kind="stable")
     requests = {k: np.asarray(v)[request_order] for k, v in req.items()}
@@ -257,8 +281,9 @@ def load_movielens(
             "> impression",
             "long_view": f"rating >= 4 and release_year <= rating year - {OLD_FILM_YEARS}",
             "requests": f"every {stride} ratings after {min_history}, midway between two ratings",
-            "candidates": f"next {n_next} rated items (impressed) + {n_negatives} never-rated "
-            "items drawn by rating count (not impressed)",
+            "candidates": f"next {n_next} rated items (impressed) + {n_negatives} items "
+            "existing and unrated by the user at request time, drawn by popularity at request "
+            "time (not impressed)",
             "timestamps": f"ties within a user spread by {TIE_SPACING_SECONDS} s in item-id order",
         },
         "parameters": {

@@ -48,7 +48,7 @@ from tqdm import tqdm
 from model.batch import Batch
 from model.checkpoint import Checkpoint, save_checkpoint
 from model.data import World, batches, load_world, spec_for_world
-from model.features import OBJECTIVES, FeatureSpec
+from model.features import DEFAULT_MAX_HISTORY, OBJECTIVES, FeatureSpec
 from model.loss import esmm_loss, joint_probabilities
 from model.metrics import bucketed_aucs, objective_aucs
 from model.nets import NETS, build_net, config_of
@@ -67,8 +67,9 @@ class TrainSettings:
     """Global batch: requests per optimiser step over all ranks."""
     lr: float = 1e-3
     seed: int = 0
-    max_history: int | None = None
-    """Keep only each request's most recent events (all models see the same truncation)."""
+    max_history: int | None = DEFAULT_MAX_HISTORY
+    """Keep only each request's most recent events (all models see the same truncation): the
+    window the service keeps per user, recorded in the exported manifest. None: whole histories."""
     threads: int | None = None
     warmup: float = 0.0
     """Fraction of each pass's batches left out of evaluation (still trained on)."""
@@ -481,7 +482,13 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="run directory for checkpoint and metrics")
-    parser.add_argument("--max-history", type=int, help="keep each request's latest N events")
+    parser.add_argument(
+        "--max-history",
+        type=int,
+        default=DEFAULT_MAX_HISTORY,
+        help="keep each request's latest N events, the window the service keeps "
+        f"(default {DEFAULT_MAX_HISTORY}; 0 keeps whole histories)",
+    )
     parser.add_argument("--threads", type=int, help="torch intra-op threads per process")
     parser.add_argument(
         "--warmup", type=float, default=0.0, help="fraction of batches not evaluated"
@@ -503,7 +510,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-        max_history=args.max_history,
+        max_history=args.max_history or None,
         threads=args.threads,
         warmup=args.warmup,
         burn_in=args.burn_in,

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from model.experiment import _matches
+from model.experiments.common import _matches
 from model.nets import net_config
 from model.train import TrainSettings
 

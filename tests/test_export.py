@@ -32,11 +32,13 @@ from model.artifact import (
 )
 from model.catalogue import Catalogue
 from model.checkpoint import Checkpoint, save_checkpoint
-from model.export import ExportError, export_artifact, probe_inputs
-from model.features import OBJECTIVES, OOV_INDEX
+from model.export import ExportError, export_artifact, probe_inputs, training_window
+from model.features import DEFAULT_MAX_HISTORY, OBJECTIVES, OOV_INDEX
 from model.nets import build_net, config_of
 from model.nets.ifa import IFA
 from model.serving import ServingEncoder, ServingScorer, serving_programs
+from model.train import TrainSettings, train
+from model.world import write_world
 from tests.factories import small_spec
 
 SPEC = small_spec()
@@ -434,3 +436,31 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
 
 def test_every_format_is_covered() -> None:
     assert set(FORMATS) == {*FAST_FORMATS, "aoti"}
+
+
+@pytest.mark.parametrize(
+    ("metadata", "window"),
+    [
+        ({"settings": {"max_history": 250}}, 250),
+        ({"settings": {"max_history": None}}, None),
+        ({"seed": 1}, DEFAULT_MAX_HISTORY),  # no recorded settings: the default window
+    ],
+)
+def test_manifest_carries_the_training_window(
+    metadata: dict[str, object], window: int | None, tmp_path: Path
+) -> None:
+    checkpoint = make_checkpoint(time_decay=False)
+    checkpoint.metadata = metadata
+    directory = export_artifact(checkpoint, make_catalogue(), tmp_path, formats=())
+    assert Manifest.load(directory / "manifest.json").max_history == window
+
+
+def test_a_training_run_records_the_window_the_export_reads(tmp_path: Path) -> None:
+    write_world("tiny", 0, tmp_path / "world")
+    settings = TrainSettings(
+        world=tmp_path / "world", max_history=40, max_requests=32, batch_size=16, progress=False
+    )
+    result = train(settings)
+    assert result.checkpoint is not None
+    assert training_window(result.checkpoint.metadata) == 40
+    assert TrainSettings(world=tmp_path).max_history == DEFAULT_MAX_HISTORY

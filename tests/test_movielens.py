@@ -74,7 +74,9 @@ def test_candidates_are_next_ratings_plus_unrated_items(movielens: World) -> Non
         user_end = int(np.searchsorted(ev["user_id"], user, side="right"))
         following = ev["item_id"][end : min(end + N_NEXT, user_end)]
         assert sorted(items[shown]) == sorted(following)
-        assert all((user, int(i)) not in ratings for i in items[~shown])
+        rated_before = set(ev["item_id"][int(rq["history_start"][r]) : end].tolist())
+        assert not rated_before & set(items[~shown].tolist())
+        assert not set(following.tolist()) & set(items[~shown].tolist())
         assert (~shown).sum() == N_NEGATIVES
         for i, clicked, liked in zip(
             items[shown], c["y_click"][rows][shown], c["y_like"][rows][shown], strict=True
@@ -106,3 +108,52 @@ def test_round_trip_and_featurise(movielens: World, tmp_path) -> None:
     unknown_year = loaded.items["author"] < 0
     assert 0 < unknown_year.sum() < 5
     assert np.all((rows[:, spec.item_names.index("author")] == OOV_INDEX) == unknown_year)
+
+
+def _write_truncated(root, cutoff: float) -> None:
+    """MovieLens files in ``root`` with every rating at or after ``cutoff`` dropped."""
+    root.mkdir()
+    for name in ("ml-100k.item", "ml-100k.user"):
+        (root / name).write_bytes((DEFAULT_ROOT / name).read_bytes())
+    lines = (DEFAULT_ROOT / "ml-100k.inter").read_text(encoding="latin-1").splitlines()
+    kept = [lines[0]] + [line for line in lines[1:] if float(line.split("\t")[3]) < cutoff]
+    (root / "ml-100k.inter").write_text("\n".join(kept) + "\n", encoding="latin-1")
+
+
+def test_negatives_existed_before_the_request(movielens: World) -> None:
+    """Every negative had been rated by someone before the request time."""
+    ev, rq, c = movielens.events, movielens.requests, movielens.candidates
+    first_rating: dict[int, float] = {}
+    for i, t in zip(ev["item_id"].tolist(), ev["timestamp"].tolist(), strict=True):
+        first_rating[i] = min(t, first_rating.get(i, np.inf))
+    shown = c["y_impression"].astype(bool)
+    times = rq["request_time"][np.searchsorted(rq["request_id"], c["request_id"])]
+    firsts = np.array([first_rating[int(i)] for i in c["item_id"][~shown]])
+    assert np.all(firsts < times[~shown])
+
+
+def test_negatives_never_use_future_information(movielens: World, tmp_path) -> None:
+    """The same data cut at time T: every request whose positives all lie before T gets the
+    very same candidates. Ratings after T (who rated what, how popular it became) are absent
+    from the cut data, so they cannot have decided a negative in the full data either."""
+    cutoff = float(np.quantile(movielens.events["timestamp"], 0.5))
+    _write_truncated(tmp_path / "cut", cutoff)
+    cut = load_movielens(tmp_path / "cut", n_next=N_NEXT, n_negatives=N_NEGATIVES)
+
+    def by_slot(world: World) -> dict[tuple[int, int], tuple[list[int], list[int]]]:
+        ev, rq, c = world.events, world.requests, world.candidates
+        out = {}
+        for r in range(world.n_requests):
+            user, end = int(rq["user_id"][r]), int(rq["history_end"][r])
+            user_end = int(np.searchsorted(ev["user_id"], user, side="right"))
+            if end + N_NEXT > user_end or ev["timestamp"][end + N_NEXT - 1] >= cutoff:
+                continue  # a positive lies after the cut: its label differs, not comparable
+            rows = world.candidate_rows(r)
+            past = end - int(rq["history_start"][r])  # event rows differ between the two worlds
+            out[(user, past)] = (c["item_id"][rows].tolist(), c["y_impression"][rows].tolist())
+        return out
+
+    full, early = by_slot(movielens), by_slot(cut)
+    assert len(early) > 1000
+    assert early.keys() <= full.keys()
+    assert all(full[key] == early[key] for key in early)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,22 +20,27 @@ from model.layers import (
     TargetAttention,
     candidate_queries,
     gather_per_candidate,
+    log_sum_exp_mass,
     masked_top_k,
     most_recent_k,
 )
 from model.loss import esmm_loss
 from model.nets import NETS, build_net
+from model.nets.din import DIN, ActivationUnit
 from model.nets.sim_hard import SIMHard
 from model.nets.twin import TWIN
 from tests.factories import random_request, small_spec
 
 BASELINES = [
-    "avgpool", "din", "sim_hard", "sim_soft", "twin",
-    "ifa_no_fsm", "ifa_no_fsm_ram", "ifa_no_degree",
+    "avgpool", "din", "din_softmax", "sim_hard", "sim_hard_mass", "sim_soft", "twin",
+    "twin_k100", "twin_k200", "twin_mass", "twin_k100_mass", "twin_k200_mass",
+    "ifa_no_fsm", "ifa_no_fsm_ram", "ifa_no_degree", "ifa_no_ram",
 ]  # fmt: skip
 # Small K and L so that the sequences below overflow them and selection really matters.
-SMALL = {"din": {"recent": 7}, "sim_hard": {"top_k": 5}, "sim_soft": {"top_k": 5}}
-SMALL.update({name: {"top_k": 5} for name in ("twin", "ifa_no_fsm", "ifa_no_fsm_ram")})
+SMALL = {name: {"recent": 7} for name in ("din", "din_softmax")}
+SMALL.update(
+    {name: {"top_k": 5} for name in BASELINES if name.startswith(("twin", "sim_", "ifa_no_fsm"))}
+)
 
 
 def make_batch(spec, shapes, seed=0):
@@ -203,3 +210,103 @@ def test_ram_degree_counts_rivals_that_the_normalised_read_averages_away(ram_deg
     if ram_degree:
         d = torch.expm1(once[..., read:])
         torch.testing.assert_close(twice[..., read:], torch.log1p(2 * d), atol=1e-5, rtol=1e-5)
+
+
+# -- the published DIN and the "+mass" variants ----------------------------------------------
+
+
+@pytest.mark.parametrize("name", [*BASELINES, "ifa"])
+def test_candidates_permuted_permute_the_scores(name):
+    """Every network scores a candidate set, not a sequence: reordering it reorders the scores."""
+    net = small_net(name).eval()
+    requests, batch = make_batch(small_spec(), [(30, 9), (12, 9)], seed=3)
+    order = np.random.default_rng(0).permutation(9)
+    requests = [replace(r, candidates=r.candidates[order], labels=r.labels) for r in requests]
+    permuted = collate(requests, len(small_spec().event_fields), len(small_spec().item_fields))
+    with torch.no_grad():
+        torch.testing.assert_close(net(permuted), net(batch)[:, order], atol=1e-5, rtol=1e-5)
+
+
+def _doubled(requests):
+    """The same requests with every event twice (each copy right after the original)."""
+    out = []
+    for r in requests:
+        twice = np.repeat(np.arange(len(r.event_times)), 2)
+        out.append(replace(r, events=r.events[twice], event_times=r.event_times[twice]))
+    spec = small_spec()
+    return collate(out, len(spec.event_fields), len(spec.item_fields))
+
+
+def _interest(net, batch):
+    u = net.embeddings.user(batch.user)
+    c = net.embeddings.item(batch.candidates)
+    e = net.embeddings.event(batch.events)
+    return net.interest(batch, u, c, e)
+
+
+def test_published_din_keeps_the_intensity_that_softmax_normalises_away():
+    """Every event twice (and all within L): the activation unit's unnormalised sum doubles,
+    the softmax variant's weighted mean does not move."""
+    requests, once = make_batch(small_spec(), [(3, 6)], seed=4)
+    twice = _doubled(requests)
+    din = small_net("din").eval()
+    assert isinstance(din, DIN)
+    with torch.no_grad():
+        bias = din.value.bias
+        torch.testing.assert_close(
+            _interest(din, twice) - bias, 2 * (_interest(din, once) - bias), atol=1e-5, rtol=1e-4
+        )
+    softmax = small_net("din_softmax").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            _interest(softmax, twice), _interest(softmax, once), atol=1e-5, rtol=1e-4
+        )
+
+
+def test_activation_unit_equals_the_mlp_over_query_key_difference_product():
+    torch.manual_seed(0)
+    unit = ActivationUnit(query_dim=10, key_dim_in=7, width=5, hidden=(6, 4))
+    queries, keys = torch.randn(2, 3, 10), torch.randn(2, 1, 4, 7)
+    q = unit.query(queries)[:, :, None, :].expand(-1, -1, 4, -1)
+    k = unit.key(keys).expand(-1, 3, -1, -1)
+    direct = unit.rest(unit.first(torch.cat([q, k, q - k, q * k], dim=-1))).squeeze(-1)
+    torch.testing.assert_close(unit(queries, keys), direct, atol=1e-5, rtol=1e-5)
+
+
+def test_twin_mass_counts_the_whole_history():
+    """The GSU mass is log Σ exp over all N events: every event twice adds exactly log 2,
+    whatever K, while the top-K read is a share and the cut ignores everything past K."""
+    requests, once = make_batch(small_spec(), [(40, 6), (0, 6)], seed=6)
+    twice = _doubled(requests)
+    net = small_net("twin_mass").eval()
+    assert isinstance(net, TWIN)
+    with torch.no_grad():
+        masses = []
+        for batch in (once, twice):
+            u = net.embeddings.user(batch.user)
+            c = net.embeddings.item(batch.candidates)
+            e = net.embeddings.event(batch.events)
+            scores = net.attention.sequence_scores(candidate_queries(u, c), e)
+            masses.append(net.gsu_mass(batch, scores))
+    torch.testing.assert_close(masses[1][0], masses[0][0] + math.log(2), atol=1e-4, rtol=1e-5)
+    assert torch.all(masses[0][1] == 0) and torch.all(masses[1][1] == 0)  # empty history
+
+
+def test_log_sum_exp_mass_by_hand():
+    scores = torch.tensor([[0.0, math.log(3.0), 5.0]])
+    mask = torch.tensor([[True, True, False]])
+    torch.testing.assert_close(log_sum_exp_mass(scores, mask), torch.tensor([math.log(4.0)]))
+
+
+def test_sim_hard_mass_is_the_same_category_count():
+    requests, once = make_batch(small_spec(), [(40, 6)], seed=7)
+    twice = _doubled(requests)
+    net = small_net("sim_hard_mass").eval()
+    assert isinstance(net, SIMHard)
+    count = net.category_count(once)
+    events = requests[0].events[:, net.event_category_column]
+    cands = requests[0].candidates[:, net.item_category_column]
+    expected = [int((events == c).sum()) if c >= RESERVED_ROWS else 0 for c in cands]
+    assert count[0].tolist() == expected
+    assert torch.equal(net.category_count(twice), 2 * count)
+    assert max(expected) > 5  # beyond K: the count knows what the sub-sequence drops

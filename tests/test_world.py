@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,8 +13,13 @@ from model.features import ACTIONS, OBJECTIVES
 from model.metrics import roc_auc
 from model.world import (
     PRESETS,
+    RECENCY_TRUTH,
     SOURCES,
+    STUDY_PRESETS,
     ItemAttributes,
+    Relevance,
+    TruthParams,
+    _make_users,
     action_logits,
     generate_world,
     impression_probabilities,
@@ -264,3 +270,57 @@ def test_presets_cover_the_sizes_the_experiments_need() -> None:
     for preset in PRESETS.values():
         assert preset.n_items >= 2 * preset.n_candidates
         assert preset.n_shown < preset.n_candidates
+
+
+# -- the fair study's presets ----------------------------------------------------------------
+
+
+def test_study_worlds_differ_only_in_how_relevance_depends_on_the_history() -> None:
+    worlds = {name: STUDY_PRESETS[name] for name in STUDY_PRESETS if name != "study_long"}
+    sizes = {replace(p, name="", truth=TruthParams()) for p in worlds.values()}
+    assert len(sizes) == 1  # same users, items, lengths and candidates
+    assert STUDY_PRESETS["study_count"].truth.volume_exponent == 0.0
+    assert STUDY_PRESETS["study_mixed"].truth == TruthParams()  # today's truth, ν = 0.5
+    assert STUDY_PRESETS["study_share"].truth.volume_exponent == 1.0
+    assert all(name in PRESETS for name in STUDY_PRESETS)
+
+
+def _relevance(topic: float, recent: float, total: float = 200.0) -> Relevance:
+    one = np.ones(1)
+    return Relevance(
+        topic_engagement=topic * one,
+        category_engagement=topic * one,
+        total_engagement=total * one,
+        recent_topic_share=recent * one,
+        author_affinity=0 * one,
+    )
+
+
+def test_recency_world_is_decided_by_the_last_events() -> None:
+    """Moving the last-20 share from 0 to 1 moves every action more than a tenfold whole-history
+    engagement does under the recency truth; under today's truth it is the other way round."""
+    zeros = np.zeros(1)
+    items = ItemAttributes(
+        topic=zeros.astype(int), cluster=zeros.astype(int), category=zeros.astype(int),
+        author=zeros.astype(int), quality=zeros, watchability=zeros, popularity=np.ones(1),
+    )  # fmt: skip
+
+    def effects(params: TruthParams) -> tuple[np.ndarray, np.ndarray]:
+        def logits(topic: float, recent: float) -> np.ndarray:
+            return action_logits(_relevance(topic, recent), items, 0.0, 0.0, params)[0]
+
+        recent = logits(10.0, 1.0) - logits(10.0, 0.0)
+        count = logits(100.0, 0.0) - logits(10.0, 0.0)
+        return recent, count
+
+    recent, count = effects(RECENCY_TRUTH)
+    assert np.all(recent > count)
+    recent, count = effects(TruthParams())
+    assert np.all(recent[1:] < count[1:])  # today: long views and likes ignore recency
+
+
+def test_long_world_has_lifelong_histories() -> None:
+    preset = STUDY_PRESETS["study_long"]
+    lengths = _make_users(preset, np.random.default_rng(1)).history_length
+    assert np.median(lengths) >= 2000
+    assert lengths.max() >= 50_000

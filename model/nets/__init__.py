@@ -10,25 +10,43 @@ from torch import nn
 from model.features import FeatureSpec
 from model.layers import NetConfig
 from model.nets.avgpool import AvgPool, AvgPoolConfig
-from model.nets.din import DIN, DINConfig
-from model.nets.ifa import IFA, IFAConfig, IFANoDegreeConfig
-from model.nets.sim_hard import SIMHard, SIMHardConfig
+from model.nets.din import DIN, DINConfig, DINSoftmax, DINSoftmaxConfig
+from model.nets.ifa import IFA, IFAConfig, IFANoDegreeConfig, IFANoRAMConfig
+from model.nets.sim_hard import SIMHard, SIMHardConfig, SIMHardMassConfig
 from model.nets.sim_soft import SIMSoft, SIMSoftConfig
-from model.nets.twin import TWIN, IFANoFSMConfig, TWINConfig
+from model.nets.twin import (
+    TWIN,
+    IFANoFSMConfig,
+    TWINConfig,
+    TWINK100Config,
+    TWINK100MassConfig,
+    TWINK200Config,
+    TWINK200MassConfig,
+    TWINMassConfig,
+)
 
 NETS: dict[str, tuple[type[nn.Module], type[NetConfig]]] = {
     "ifa": (IFA, IFAConfig),
     "avgpool": (AvgPool, AvgPoolConfig),
     "din": (DIN, DINConfig),
+    "din_softmax": (DINSoftmax, DINSoftmaxConfig),
     "sim_hard": (SIMHard, SIMHardConfig),
     "sim_soft": (SIMSoft, SIMSoftConfig),
     "twin": (TWIN, TWINConfig),
+    "twin_k100": (TWIN, TWINK100Config),
+    "twin_k200": (TWIN, TWINK200Config),
+    # "+mass": the whole-history count their production form has for one reduction.
+    "sim_hard_mass": (SIMHard, SIMHardMassConfig),
+    "twin_mass": (TWIN, TWINMassConfig),
+    "twin_k100_mass": (TWIN, TWINK100MassConfig),
+    "twin_k200_mass": (TWIN, TWINK200MassConfig),
     # IFA's ablations (IFA §5.3): FSM replaced by TWIN's two-step attention, then RAM removed
     # too, which is TWIN itself under its own name.
     "ifa_no_fsm": (TWIN, IFANoFSMConfig),
     "ifa_no_fsm_ram": (TWIN, TWINConfig),
     # Not in the paper: IFA without the degree feature, i.e. the normalised read of Eq. 6 alone.
     "ifa_no_degree": (IFA, IFANoDegreeConfig),
+    "ifa_no_ram": (IFA, IFANoRAMConfig),
 }
 
 

@@ -63,6 +63,13 @@ class IFANoDegreeConfig(IFAConfig):
     degree_feature: bool = False
 
 
+@dataclass(frozen=True)
+class IFANoRAMConfig(IFAConfig):
+    """IFA without its relation-aware module: candidates scored one by one."""
+
+    use_ram: bool = False
+
+
 class SequenceEncoder(nn.Module):
     """Behaviour events -> additive state contribution (S (B, H, dk, dv), z (B, H, dk))."""
 

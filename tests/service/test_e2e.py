@@ -17,9 +17,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
 
 @pytest.fixture
-def server(
-    artifact_dir: Path, redis_url: str, redis_prefix: str, tmp_path: Path
-) -> Iterator[str]:
+def server(artifact_dir: Path, redis_url: str, redis_prefix: str, tmp_path: Path) -> Iterator[str]:
     # Settings from the environment and the command line together.
     with running_service(
         artifact_dir,
