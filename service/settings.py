@@ -32,6 +32,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("IFA_REDIS_URL", "REDIS_URL", "redis_url"),
         description="Redis connection URL (store=redis).",
     )
+    redis_cluster: bool = Field(
+        default=False,
+        description="The Redis URL names one node of a Redis Cluster (store=redis): the client "
+        "discovers the other nodes and routes every user's keys to their slot.",
+    )
     redis_prefix: str = Field(default="ifa", min_length=1, description="Prefix of every Redis key.")
     redis_max_connections: int = Field(default=64, ge=1, description="Redis connection pool size.")
     redis_timeout_seconds: float = Field(

@@ -16,6 +16,7 @@ def open_store(settings: Settings) -> Store:
             prefix=settings.redis_prefix,
             max_connections=settings.redis_max_connections,
             timeout_seconds=settings.redis_timeout_seconds,
+            cluster=settings.redis_cluster,
         )
     from service.stores.memory import MemoryStore
 

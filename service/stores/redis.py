@@ -1,9 +1,10 @@
-"""The Redis store: one pooled ``redis.asyncio`` client (hiredis parser), pipelined reads, and
-Lua scripts for the two operations that must be atomic.
+"""The Redis store: one pooled ``redis.asyncio`` client (hiredis parser) for a single node or a
+Redis Cluster, pipelined reads, and Lua scripts for the operations that must be atomic.
 
 Reads of a rank request are one script call (state, profile and log length together).
 Keys of one user share the hash tag ``{u:<id>}`` so that, on Redis Cluster, a user's log, event
-ids, profile and states live in one slot and the scripts may touch them together:
+ids, profile and states live in one slot and the scripts may touch them together (every
+script's KEYS are one user's):
 
 * ``<prefix>:{u:<id>}:log`` — the behaviour log, fixed-size records appended in arrival order
   (see :mod:`service.stores.records`);
@@ -19,7 +20,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from service.stores.base import AppendResult, NewEvent, SeedHistories, StoreError, UserSnapshot
 from service.stores.records import RECORD_BYTES, EventLog, pack_record, unpack_log
@@ -63,6 +66,48 @@ _SEED_CHUNK_USERS = 512
 """Users per seeding pipeline: large enough to amortise round trips, small enough to stream."""
 
 
+Client = redis.Redis | RedisCluster
+
+CLIENT_ERRORS = (RedisError, RedisClusterException)
+"""What the clients raise when the store cannot answer; the cluster client's own errors (a slot
+with no master: ``SlotNotCoveredError``, no node reachable at start) are not RedisErrors."""
+
+
+def connect(url: str, cluster: bool, max_connections: int, timeout_seconds: float) -> Client:
+    """A pooled client of one node, or of a Redis Cluster reached through the node ``url`` names.
+
+    The cluster client learns the other nodes from that one, routes each command by its key's
+    slot, and follows MOVED/ASK redirections (resharding) and a failed-over master. It keeps
+    serving the slots that have a master while others have none (``require_full_coverage``
+    off): one node down fails only the users whose slots it holds. ``max_connections`` is per
+    node on a cluster.
+    """
+    options: dict[str, Any] = {
+        "max_connections": max_connections,
+        "socket_timeout": timeout_seconds,
+        "socket_connect_timeout": timeout_seconds,
+        "decode_responses": False,
+    }
+    if cluster:
+        return _RedisCluster.from_url(url, require_full_coverage=False, **options)
+    return redis.Redis.from_url(url, **options)
+
+
+class _RedisCluster(RedisCluster):
+    """Learns the topology before routing a command, not after.
+
+    redis-py (8.1) picks a command's routing policy before its first ``initialize()`` (and
+    after each re-initialisation), while no default node is known: a keyed EVALSHA then goes
+    to a random master and comes back MOVED, and enough concurrent MOVEDs make the client close
+    every node's connections, including those other requests are using.
+    """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._initialize:
+            await self.initialize()
+        return await super().execute_command(*args, **kwargs)
+
+
 class RedisStore:
     def __init__(
         self,
@@ -70,15 +115,12 @@ class RedisStore:
         prefix: str = "ifa",
         max_connections: int = 64,
         timeout_seconds: float = 1.0,
+        cluster: bool = False,
     ) -> None:
         self.prefix = prefix
-        self._client: redis.Redis = redis.Redis.from_url(
-            url,
-            max_connections=max_connections,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
-            decode_responses=False,
-        )
+        self._client = connect(url, cluster, max_connections, timeout_seconds)
+        # Script objects run by EVALSHA and load themselves on NOSCRIPT (on a cluster, SCRIPT
+        # LOAD reaches every master); in pipelines, _evalsha_pipelined does the same.
         self._append = self._client.register_script(_APPEND_SCRIPT)
         self._put_state = self._client.register_script(_PUT_STATE_SCRIPT)
         self._snapshot = self._client.register_script(_SNAPSHOT_SCRIPT)
@@ -95,19 +137,50 @@ class RedisStore:
                 event.event_id,
                 pack_record(event.item_id, event.action, event.timestamp),
             ]
+        calls = [
+            ([self._key(user_id, "log"), self._key(user_id, "ids")], args)
+            for user_id, args in by_user.items()
+        ]
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for user_id, args in by_user.items():
-                    await self._append(
-                        keys=[self._key(user_id, "log"), self._key(user_id, "ids")],
-                        args=args,
-                        client=pipe,
-                    )
-                counts = await pipe.execute()
-        except RedisError as error:
+            counts = await self._evalsha_pipelined(self._append, calls)
+        except CLIENT_ERRORS as error:
             raise StoreError(f"redis append failed: {error}") from error
         accepted = sum(int(c) for c in counts)
         return AppendResult(accepted=accepted, duplicates=len(events) - accepted)
+
+    async def _evalsha_pipelined(
+        self, script: AsyncScript, calls: Sequence[tuple[list[str], list[bytes | str]]]
+    ) -> list[Any]:
+        """``script`` once per (keys, args), all in one pipeline: one round trip on a single node,
+        one per node (all at once) on a cluster, whose pipeline groups commands by node. Each
+        call's keys are one user's, so each call is one slot.
+
+        A node that has not seen the script (a new, restarted or promoted master) answers
+        NOSCRIPT to its calls; only those calls are sent again, once the script is loaded on
+        every master, so no call runs twice and the counts stay exact.
+        """
+        results: list[Any] = [None] * len(calls)
+        pending = list(range(len(calls)))
+        for _ in range(2):
+            # The cluster pipeline refuses pipe.evalsha(); the raw command routes by key.
+            async with self._client.pipeline(transaction=False) as pipe:
+                for i in pending:
+                    keys, args = calls[i]
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                answers = await pipe.execute(raise_on_error=False)
+            missing = []
+            for i, answer in zip(pending, answers, strict=True):
+                if isinstance(answer, NoScriptError):
+                    missing.append(i)
+                elif isinstance(answer, Exception):
+                    raise answer
+                else:
+                    results[i] = answer
+            if not missing:
+                return results
+            await self._client.script_load(script.script)
+            pending = missing
+        raise NoScriptError("script still unknown to a node after loading it on every master")
 
     async def read_events(self, user_id: int, cursor: int) -> EventLog:
         key = self._key(user_id, "log")
@@ -117,7 +190,7 @@ class RedisStore:
                 pipe.getrange(key, cursor * RECORD_BYTES, -1)
                 pipe.strlen(key)
                 data, length = await pipe.execute()
-        except RedisError as error:
+        except CLIENT_ERRORS as error:
             raise StoreError(f"redis log read failed: {error}") from error
         end = int(length) // RECORD_BYTES
         if cursor >= end:
@@ -132,7 +205,7 @@ class RedisStore:
                 self._key(user_id, "profile"),
                 mapping=_hash_fields(attributes),
             )
-        except RedisError as error:
+        except CLIENT_ERRORS as error:
             raise StoreError(f"redis profile write failed: {error}") from error
 
     async def seed(self, histories: SeedHistories) -> int:
@@ -162,7 +235,7 @@ class RedisStore:
                         mapping=_hash_fields(histories.profiles[user_id]),
                     )
                 await pipe.execute()
-        except RedisError as error:
+        except CLIENT_ERRORS as error:
             raise StoreError(f"redis seed failed: {error}") from error
         return written
 
@@ -175,7 +248,7 @@ class RedisStore:
             won = await self._put_state(
                 keys=[self._key(user_id, f"state:{version}")], args=[cursor, blob, ttl_seconds]
             )
-        except RedisError as error:
+        except CLIENT_ERRORS as error:
             raise StoreError(f"redis state write failed: {error}") from error
         return bool(won)
 
@@ -187,7 +260,7 @@ class RedisStore:
         ]
         try:
             blob, profile, length = await self._snapshot(keys=keys, args=[ttl_seconds])
-        except RedisError as error:
+        except CLIENT_ERRORS as error:
             raise StoreError(f"redis snapshot failed: {error}") from error
         return UserSnapshot(
             state=bytes(blob) if blob is not None else None,
@@ -200,7 +273,7 @@ class RedisStore:
     async def ping(self) -> None:
         try:
             await self._client.ping()
-        except RedisError as error:
+        except CLIENT_ERRORS as error:
             raise StoreError(f"redis unreachable: {error}") from error
 
     async def close(self) -> None:

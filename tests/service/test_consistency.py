@@ -2,7 +2,7 @@
 
 Whatever the path a state took (miss, folds of late and out-of-order events, retries, concurrent
 posts and ranks), /rank must equal encoder(full history) + scorer within 1e-5, for a model with
-and without time decay, on both stores.
+and without time decay, on every store (in-process, one Redis, a Redis Cluster).
 """
 
 from __future__ import annotations
@@ -34,10 +34,23 @@ def model_dir(request: pytest.FixtureRequest) -> Path:
     return path
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("cluster", marks=pytest.mark.redis),
+    ]
+)
 def store_settings(request: pytest.FixtureRequest) -> dict[str, Any]:
     if request.param == "memory":
         return {"store": "memory"}
+    if request.param == "cluster":
+        return {
+            "store": "redis",
+            "redis_cluster": True,
+            "redis_url": request.getfixturevalue("local_cluster").url,
+            "redis_prefix": request.getfixturevalue("cluster_prefix"),
+        }
     return {
         "store": "redis",
         "redis_url": request.getfixturevalue("redis_url"),
