@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 import pytest
 import redis as redis_sync
+from redis.asyncio.connection import Connection
 
 from service.stores.base import NewEvent, SeedHistories, Store
 from service.stores.memory import MemoryStore
@@ -192,3 +194,37 @@ async def test_an_unreachable_redis_raises_store_errors(cluster: bool) -> None:
             await store.snapshot("v", 1, TTL)
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("backend", REDIS_BACKENDS)
+async def test_a_batch_is_one_script_call_per_user_in_one_round_trip_per_node(
+    request: pytest.FixtureRequest, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/events batches reach Redis pipelined: one EVALSHA per user (one slot), every call to a
+    node written in one send, so a batch costs a round trip per node, not one per event."""
+    store, _ = open_redis(request, backend)
+    users = range(300, 330)
+
+    def batch(tag: str) -> list[NewEvent]:
+        return [event(f"{tag}-{u}-{i}", u, i, float(i)) for u in users for i in range(10)]
+
+    sends: list[tuple[int, int]] = []  # (port, EVALSHA commands in the send)
+    real_send = Connection.send_packed_command
+
+    async def counted_send(self: Connection, command: Any, check_health: bool = True) -> None:
+        payload = b"".join(command) if isinstance(command, list) else bytes(command)
+        sends.append((int(self.port), payload.count(b"\r\nEVALSHA\r\n")))
+        await real_send(self, command, check_health)
+
+    try:
+        await store.append_events(batch("warm"))  # connects, learns the topology, loads scripts
+        monkeypatch.setattr(Connection, "send_packed_command", counted_send)
+        result = await store.append_events(batch("counted"))
+        monkeypatch.undo()
+        assert (result.accepted, result.duplicates) == (300, 0)
+    finally:
+        await store.close()
+    assert sum(calls for _, calls in sends) == len(users)
+    ports = [port for port, _ in sends]
+    assert len(ports) == len(set(ports))  # one send per node
+    assert len(ports) == (3 if backend == "cluster" else 1)  # 30 users span every master
