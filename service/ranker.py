@@ -4,7 +4,10 @@ State retrieval follows DESIGN §2: a cached state whose cursor equals the log l
 smaller cursor is stale and only the events after it are folded in; no state is a miss and the
 whole log is encoded. A changed state is written back with a compare-and-set on its cursor while
 the scorer runs. Concurrent misses of one user share one computation (single flight), so that a
-burst of requests for a cold user encodes its history once.
+burst of requests for a cold user encodes its history once: the shared work re-reads the cached
+state first (another request, on this replica or another, may have stored it since this one's
+snapshot) and ends only once the encoded state is stored, so a request that missed a moment ago
+finds it instead of encoding again.
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ class Ranker:
 
         snapshot = await fetch
         metrics.observe_stage("state_fetch", time.perf_counter() - fetch_started)
-        state, outcome = await self._current_state(user_id, snapshot)
+        state, outcome, stored = await self._current_state(user_id, snapshot)
         metrics.state_cache.labels(outcome=outcome).inc()
 
         started = time.perf_counter()
@@ -110,7 +113,7 @@ class Ranker:
         metrics.observe_stage("featurize", featurize_seconds + time.perf_counter() - started)
 
         write_back: asyncio.Task[None] | None = None
-        if self.state_cache and outcome != "hit" and state.cursor > 0:
+        if self.state_cache and outcome != "hit" and state.cursor > stored:
             write_back = asyncio.create_task(self._write_back(user_id, state))
         when = time.time() if request_time is None else request_time
         try:
@@ -154,25 +157,28 @@ class Ranker:
 
     async def _current_state(
         self, user_id: int, snapshot: UserSnapshot
-    ) -> tuple[UserState, CacheOutcome]:
+    ) -> tuple[UserState, CacheOutcome, int]:
+        """The user's current state, the cache outcome, and the cursor the cache already holds
+        (a state with a larger one is worth writing back)."""
         runtime = self.runtime
         if not self.state_cache:
             if snapshot.log_length == 0:
-                return runtime.empty_state(), "miss"
-            return await self._encode_history(user_id), "miss"
+                return runtime.empty_state(), "miss", 0
+            return await self._encode_history(user_id), "miss", 0
         state = self._decode(user_id, snapshot.state)
         if state is not None and state.cursor >= snapshot.log_length:
-            return state, "hit"
+            return state, "hit", state.cursor
         if state is None and snapshot.log_length == 0:
-            return runtime.empty_state(), "miss"
+            return runtime.empty_state(), "miss", 0
         if state is None:
-            state = await self._single_flight(user_id, self._encode_history(user_id))
+            state = await self._single_flight(user_id, self._cached_or_encoded(user_id))
             outcome: CacheOutcome = "miss"
         else:
             outcome = "stale"
+        stored = state.cursor
         if state.cursor < snapshot.log_length:
             state = await self._fold_newer(user_id, state)
-        return state, outcome
+        return state, outcome, stored
 
     def _decode(self, user_id: int, blob: bytes | None) -> UserState | None:
         if blob is None:
@@ -184,6 +190,18 @@ class Ranker:
             # Treated as a miss: the recomputed state replaces it (its cursor is larger).
             logger.warning("discarding cached state of a user: %s", error)
             return None
+
+    async def _cached_or_encoded(self, user_id: int) -> UserState:
+        """The single-flight work of a miss: the cached state if one was stored since the
+        snapshot, else the whole history encoded and stored before the flight ends."""
+        snapshot = await self.store.snapshot(self.runtime.version, user_id, self.state_ttl_seconds)
+        state = self._decode(user_id, snapshot.state)
+        if state is not None:
+            return state
+        state = await self._encode_history(user_id)
+        if state.cursor > 0:
+            await self._write_back(user_id, state)
+        return state
 
     async def _encode_history(self, user_id: int) -> UserState:
         started = time.perf_counter()
