@@ -203,6 +203,7 @@ def redis_cluster(
         for i in range(masters):
             port = free_port()
             node_dir = directory / f"node-{i}"
+            shutil.rmtree(node_dir, ignore_errors=True)  # a node must start empty to join
             # The cluster bus port is chosen too: port + 10000 may be taken or out of range.
             bus = ("--cluster-port", str(free_port()))
             process = _start_redis(port, node_dir, *options, *bus)
