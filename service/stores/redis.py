@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
@@ -94,18 +94,44 @@ def connect(url: str, cluster: bool, max_connections: int, timeout_seconds: floa
 
 
 class _RedisCluster(RedisCluster):
-    """Learns the topology before routing a command, not after.
+    """redis-py's (8.1) asyncio cluster client with two routing faults worked around.
 
-    redis-py (8.1) picks a command's routing policy before its first ``initialize()`` (and
-    after each re-initialisation), while no default node is known: a keyed EVALSHA then goes
-    to a random master and comes back MOVED, and enough concurrent MOVEDs make the client close
-    every node's connections, including those other requests are using.
+    * It picks a command's routing policy before its first ``initialize()`` (and after each
+      re-initialisation), while no default node is known: a keyed EVALSHA then goes to a
+      random master and comes back MOVED, and enough concurrent MOVEDs make the client close
+      every node's connections, including those other requests are using. So the topology is
+      learnt first.
+    * It follows an ASK redirection (a slot being resharded) by sending ASKING and then the
+      command as two separate takes from the node's pool, which is first-in first-out: with
+      more than one idle connection the command goes out on another connection than ASKING,
+      the new master answers MOVED back, and the client bounces until "TTL exhausted". The
+      nodes' pools are made last-in first-out (see :class:`_LastInFirstOutNode`).
     """
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> _RedisCluster:
+        await super().initialize(*args, **kwargs)
+        for node in self.nodes_manager.nodes_cache.values():
+            if type(node) is ClusterNode:
+                node.__class__ = _LastInFirstOutNode
+        return self
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if self._initialize:
             await self.initialize()
         return await super().execute_command(*args, **kwargs)
+
+
+class _LastInFirstOutNode(ClusterNode):
+    """A node whose pool hands out the connection released last, so that the command after
+    ASKING (taken with no await in between) reuses the connection that sent it."""
+
+    __slots__ = ()
+
+    def release(self, connection: Any) -> None:
+        if connection.should_reconnect():
+            super().release(connection)
+        else:
+            self._free.appendleft(connection)
 
 
 class RedisStore:
