@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import redis
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 T0 = 1.7e9
@@ -95,6 +96,19 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout)
+
+
+def _start_redis(port: int, directory: Path, *options: str) -> subprocess.Popen[bytes]:
+    """A redis-server on 127.0.0.1:``port`` writing its log (and any files) in ``directory``."""
+    binary = require_binary("redis-server", "redis-server")
+    directory.mkdir(parents=True, exist_ok=True)
+    log = directory / "redis.log"
+    process = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(directory),
+         "--logfile", str(log), *options],
+    )  # fmt: skip
+    wait_until(lambda: redis_pings(port), 10, f"redis-server on port {port}", process, log)
+    return process
 
 
 def redis_pings(port: int, tls_ca: Path | None = None) -> bool:
@@ -215,6 +229,100 @@ def redis_server(directory: Path) -> Iterator[str]:
     """A private, non-persistent redis-server on a free port; yields its URL."""
     with redis_process(directory) as server:
         yield server.url
+
+
+@dataclass
+class ClusterNode:
+    port: int
+    directory: Path
+    process: subprocess.Popen[bytes]
+    bus: tuple[str, ...]
+
+
+@dataclass
+class LocalCluster:
+    """A Redis Cluster of local masters (no replicas); any node's URL reaches all of it."""
+
+    nodes: list[ClusterNode]
+    options: tuple[str, ...]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    def kill(self, index: int) -> None:
+        """SIGKILL one master: no shutdown, no final AOF rewrite, like a crashed host."""
+        process = self.nodes[index].process
+        process.kill()
+        process.wait(10)
+
+    def restart(self, index: int) -> None:
+        """Start a killed node again on its port and directory (nodes.conf, AOF) and wait
+        until the whole cluster agrees it is healthy."""
+        node = self.nodes[index]
+        node.process = _start_redis(node.port, node.directory, *self.options, *node.bus)
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = 30) -> None:
+        wait_until(
+            lambda: all(_cluster_ok(node.port) for node in self.nodes), timeout, "redis cluster"
+        )
+
+
+def _cluster_ok(port: int) -> bool:
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5)
+        try:
+            info = client.cluster("info")
+        finally:
+            client.close()
+    except redis.RedisError:
+        return False
+    return bool(info.get("cluster_state") == "ok")
+
+
+@contextmanager
+def redis_cluster(
+    directory: Path, masters: int = 3, durable: bool = False
+) -> Iterator[LocalCluster]:
+    """``masters`` cluster-enabled redis-servers on free ports, joined by
+    ``redis-cli --cluster create``; stopped on exit.
+
+    ``durable`` turns on the append-only file with an fsync per write, so that a node killed
+    and restarted from its directory has every write it acknowledged. A node that is down does
+    not stop the others from serving their slots (``cluster-require-full-coverage no``).
+    """
+    cli = require_binary("redis-cli", "redis-server")
+    options = (
+        "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+        "--cluster-node-timeout", "2000", "--cluster-require-full-coverage", "no",
+        *(("--appendonly", "yes", "--appendfsync", "always") if durable else
+          ("--appendonly", "no")),
+    )  # fmt: skip
+    nodes: list[ClusterNode] = []
+    try:
+        for i in range(masters):
+            port = free_port()
+            node_dir = directory / f"node-{i}"
+            shutil.rmtree(node_dir, ignore_errors=True)  # a node must start empty to join
+            # The cluster bus port is chosen too: port + 10000 may be taken or out of range.
+            bus = ("--cluster-port", str(free_port()))
+            process = _start_redis(port, node_dir, *options, *bus)
+            nodes.append(ClusterNode(port, node_dir, process, bus))
+        created = subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+             "--cluster-yes"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        if created.returncode != 0:
+            output = created.stdout + created.stderr
+            raise RuntimeError(f"redis-cli --cluster create failed\n{output}")
+        cluster = LocalCluster(nodes, options)
+        cluster.wait_healthy()
+        yield cluster
+    finally:
+        for node in nodes:
+            stop(node.process)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+# redis-cli joins the test Redis Cluster (redis-cli --cluster create); Debian ships it in redis-tools.
+command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v prometheus >/dev/null || missing+=(prometheus)
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v docker-compose >/dev/null || missing+=(docker-compose)

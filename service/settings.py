@@ -86,6 +86,11 @@ class Settings(BaseSettings):
         "rediss:// for TLS (?ssl_cert_reqs=required&ssl_ca_certs=/path/ca.pem); "
         f"{PLAIN_REDIS_URL} is read too, below {ENV_PREFIX}REDIS_URL.",
     )
+    redis_cluster: bool = Field(
+        default=False,
+        description="The Redis URL names one node of a Redis Cluster (store=redis): the client "
+        "discovers the other nodes and routes every user's keys to their slot.",
+    )
     redis_prefix: str = Field(default="ifa", min_length=1, description="Prefix of every Redis key.")
     redis_max_connections: int = Field(default=64, ge=1, description="Redis connection pool size.")
     redis_timeout_seconds: float = Field(

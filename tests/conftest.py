@@ -20,6 +20,8 @@ import redis
 
 from loadtest.harness import (
     LiveService,
+    LocalCluster,
+    redis_cluster,
     redis_server,
     running_service,
     warm_state_cache,
@@ -72,13 +74,38 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def redis_prefix(redis_url: str) -> Iterator[str]:
     """A key prefix of this test alone; its keys are deleted afterwards."""
-    prefix = f"ifa-test-{uuid.uuid4().hex[:12]}"
+    prefix = unique_prefix("ifa-test")
     yield prefix
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    delete_keys(redis.Redis.from_url(redis_url), prefix)
+
+
+@pytest.fixture(scope="session")
+def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real Redis Cluster of three masters started here (redis-server --cluster-enabled yes,
+    joined by redis-cli --cluster create), shared by the session's cluster tests."""
+    with redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_prefix(local_cluster: LocalCluster) -> Iterator[str]:
+    """A key prefix of this test alone on the cluster; its keys are deleted afterwards."""
+    prefix = unique_prefix("ifa-test")
+    yield prefix
+    delete_keys(redis.RedisCluster.from_url(local_cluster.url), prefix)
+
+
+def unique_prefix(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:12]}"
+
+
+def delete_keys(client: redis.Redis | redis.RedisCluster, prefix: str) -> None:
+    """Delete the keys under ``prefix`` (on a cluster, SCAN visits every master) and close."""
+    try:
+        for key in list(client.scan_iter(match=f"{prefix}:*", count=1000)):
+            client.delete(key)
+    finally:
+        client.close()
 
 
 # -- exported artefacts --------------------------------------------------------------------
@@ -115,7 +142,7 @@ def live_service(
     and are deleted afterwards.
     """
     model_dir = build_artifact(tmp_path_factory.mktemp("live-artifact"), time_decay=False)
-    prefix = f"ifa-live-{uuid.uuid4().hex[:12]}"
+    prefix = unique_prefix("ifa-live")
     env = {
         "IFA_STORE": "redis",
         "IFA_REDIS_URL": redis_url,
@@ -131,11 +158,7 @@ def live_service(
             warm_state_cache(service.url, range(LIVE_USERS), range(100))
             yield service
     finally:
-        client = redis.Redis.from_url(redis_url)
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        delete_keys(redis.Redis.from_url(redis_url), prefix)
 
 
 # -- parametrisations shared by the consistency tests ----------------------------------------
@@ -150,11 +173,25 @@ def model_dir(request: pytest.FixtureRequest) -> Path:
     return path
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("cluster", marks=pytest.mark.redis),
+    ]
+)
 def store_settings(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """Each test runs on the in-process store and on a real Redis (a prefix of its own)."""
+    """Each test runs on the in-process store, on a real Redis and on a real three-master
+    Redis Cluster (a prefix of its own)."""
     if request.param == "memory":
         return {"store": "memory"}
+    if request.param == "cluster":
+        return {
+            "store": "redis",
+            "redis_cluster": True,
+            "redis_url": request.getfixturevalue("local_cluster").url,
+            "redis_prefix": request.getfixturevalue("cluster_prefix"),
+        }
     return {
         "store": "redis",
         "redis_url": request.getfixturevalue("redis_url"),

@@ -97,7 +97,7 @@ def test_grafana_provisioning_matches_the_dashboard() -> None:
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     titles = " ".join(p["title"].lower() for p in panels)
     for topic in ("latency", "requests/s", "error ratio", "stage", "cache hit", "candidates",
-                  "events ingested"):  # fmt: skip
+                  "events ingested", "in-flight"):  # fmt: skip
         assert topic in titles, f"no panel about {topic}"
 
 
@@ -150,6 +150,69 @@ def test_ranker_deployment_contract() -> None:
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_the_hpa_scales_on_the_metric_the_adapter_serves(tmp_path: Path) -> None:
+    documents = k8s_documents()
+    hpa = documents["HorizontalPodAutoscaler/ifa-ranker"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    name = metric["pods"]["metric"]["name"]
+    target = metric["pods"]["target"]
+    assert target["type"] == "AverageValue"
+
+    adapter = yaml.safe_load(documents["ConfigMap/prometheus-adapter-ifa"]["data"]["config.yaml"])
+    (rule,) = [r for r in adapter["rules"] if r["name"]["as"] == name]
+    assert re.match(rf"^{name}\{{", rule["seriesQuery"])
+    overrides = rule["resources"]["overrides"]
+    assert overrides["pod"] == {"resource": "pod"}
+    assert overrides["namespace"] == {"resource": "namespace"}
+    # The query the adapter would run for two pods parses (promtool checks it as a rule).
+    query = (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", name)
+        .replace("<<.LabelMatchers>>", 'namespace="ifa",pod=~"ifa-ranker-a|ifa-ranker-b"')
+        .replace("<<.GroupBy>>", "pod")
+    )
+    assert "<<" not in query and query.startswith("sum by (pod)")
+    rules = tmp_path / "adapter-query.yml"
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "adapter", "rules": [
+        {"record": "adapter:query", "expr": query}]}]}))  # fmt: skip
+    checked = run(require_binary("promtool", "prometheus"), "check", "rules", str(rules))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    # The target is set in the HPA alone; deploy/README.md derives it and must name it.
+    assert f"averageValue: {target['averageValue']}" in (DEPLOY / "README.md").read_text()
+
+
+def test_redis_cluster_manifests_form_the_cluster_the_service_expects() -> None:
+    from service.settings import Settings
+
+    documents = k8s_documents()
+    statefulset = documents["StatefulSet/ifa-redis-cluster"]
+    service = documents[f"Service/{statefulset['spec']['serviceName']}"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True  # nodes meet before ready
+    (redis,) = statefulset["spec"]["template"]["spec"]["containers"]
+    options = dict(zip(redis["args"][::2], redis["args"][1::2], strict=True))
+    assert options["--cluster-enabled"] == "yes"
+    assert options["--appendonly"] == "yes"
+    assert options["--cluster-config-file"].startswith(redis["volumeMounts"][0]["mountPath"])
+
+    job = documents["Job/ifa-redis-cluster-bootstrap"]
+    (bootstrap,) = job["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: int(e["value"]) for e in bootstrap["env"]}
+    assert env["NODES"] == statefulset["spec"]["replicas"]
+    assert env["NODES"] // (1 + env["REPLICAS_PER_MASTER"]) >= 3  # masters
+    script = bootstrap["command"][-1]
+    name, governing = statefulset["metadata"]["name"], service["metadata"]["name"]
+    assert f"{name}-$i.{governing}" in script
+    assert "--cluster create" in script and '--cluster-replicas "$REPLICAS_PER_MASTER"' in script
+
+    # The ranker is pointed at it with settings that exist.
+    readme = (DEPLOY / "README.md").read_text()
+    assert "redis_cluster" in Settings.model_fields
+    assert '"IFA_REDIS_CLUSTER": "true"' in readme and f"redis://{governing}:6379" in readme
 
 
 def test_model_artefact_delivery_is_documented_both_ways() -> None:

@@ -181,7 +181,9 @@ def test_prometheus_scrapes_the_service_and_loads_every_rule(traffic: str) -> No
 
 
 @pytest.mark.parametrize(
-    ("name", "expression"), [*dashboard_queries(), *rule_queries()], ids=lambda v: str(v)[:60]
+    ("name", "expression"),
+    [*dashboard_queries(), *rule_queries()],
+    ids=lambda v: str(v)[:60],
 )
 def test_expression_returns_data(traffic: str, name: str, expression: str) -> None:
     # Rules and rates need a few evaluations after the traffic; allow a short settling time.

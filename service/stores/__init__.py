@@ -25,6 +25,7 @@ def open_store(settings: Settings, max_history: int) -> Store:
             retries=settings.redis_retries,
             backoff_seconds=settings.redis_retry_backoff_seconds,
             limits=limits,
+            cluster=settings.redis_cluster,
         )
     from service.stores.memory import MemoryStore
 

@@ -1,9 +1,10 @@
-"""The Redis store: one pooled ``redis.asyncio`` client (hiredis parser) and Lua scripts for
-every operation that must be atomic.
+"""The Redis store: one pooled ``redis.asyncio`` client (hiredis parser) for a single node or a
+Redis Cluster, pipelined reads, and Lua scripts for the operations that must be atomic.
 
 Reads of a rank request are one script call (state, profile and log bounds together).
 Keys of one user share the hash tag ``{u:<id>}`` so that, on Redis Cluster, a user's log, event
-ids, profile and states live in one slot and the scripts may touch them together:
+ids, profile and states live in one slot and the scripts may touch them together (every
+script's KEYS are one user's):
 
 * ``<prefix>:{u:<id>}:log`` — the behaviour log, fixed-size records appended in arrival order
   (see :mod:`service.stores.records`); it holds log positions [start, end);
@@ -29,10 +30,8 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import redis.asyncio as redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from service.stores.base import (
     AppendResult,
@@ -44,6 +43,7 @@ from service.stores.base import (
     UserSnapshot,
 )
 from service.stores.records import RECORD_BYTES, EventLog, pack_record, unpack_log
+from service.stores.redis_client import CLIENT_ERRORS, connect
 
 # KEYS: log, event ids, meta. ARGV: keep, trim at, dedup window, then event id, record, event id,
 # record, ... Returns the count appended. The id check and the APPEND are one script: an event id
@@ -132,32 +132,6 @@ _SEED_CHUNK_USERS = 512
 """Users per seeding pipeline: large enough to amortise round trips, small enough to stream."""
 
 
-def connect(
-    url: str,
-    max_connections: int,
-    timeout_seconds: float,
-    retries: int,
-    backoff_seconds: float,
-) -> redis.Redis:
-    """The client: pooled, with a socket timeout on every call and an explicit retry policy
-    (redis-py's default retries up to 10 times with backoff, far past any request budget).
-
-    ``rediss://`` URLs get TLS and ``redis://:password@host`` authenticates; redis-py reads both
-    (and ``ssl_*`` query parameters) from the URL.
-    """
-    return redis.Redis.from_url(
-        url,
-        max_connections=max_connections,
-        socket_timeout=timeout_seconds,
-        socket_connect_timeout=timeout_seconds,
-        retry=Retry(
-            ExponentialWithJitterBackoff(cap=max(backoff_seconds * 8, 0.0), base=backoff_seconds),
-            retries,
-        ),
-        decode_responses=False,
-    )
-
-
 class RedisStore:
     def __init__(
         self,
@@ -168,10 +142,15 @@ class RedisStore:
         retries: int = 1,
         backoff_seconds: float = 0.01,
         limits: HistoryLimits | None = None,
+        cluster: bool = False,
     ) -> None:
         self.prefix = prefix
         self.limits = limits or HistoryLimits()
-        self._client = connect(url, max_connections, timeout_seconds, retries, backoff_seconds)
+        self._client = connect(
+            url, cluster, max_connections, timeout_seconds, retries, backoff_seconds
+        )
+        # Script objects run by EVALSHA and load themselves on NOSCRIPT (on a cluster, SCRIPT
+        # LOAD reaches every master); in pipelines, _evalsha_pipelined does the same.
         self._append = self._client.register_script(_APPEND_SCRIPT)
         self._read = self._client.register_script(_READ_SCRIPT)
         self._put_state = self._client.register_script(_PUT_STATE_SCRIPT)
@@ -195,23 +174,53 @@ class RedisStore:
                 event.event_id,
                 pack_record(event.item_id, event.action, event.timestamp),
             ]
+        calls = [
+            (
+                [self._key(user_id, "log"), self._key(user_id, "eids"), self._key(user_id, "meta")],
+                head + args,
+            )
+            for user_id, args in by_user.items()
+        ]
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for user_id, args in by_user.items():
-                    await self._append(
-                        keys=[
-                            self._key(user_id, "log"),
-                            self._key(user_id, "eids"),
-                            self._key(user_id, "meta"),
-                        ],
-                        args=head + args,
-                        client=pipe,
-                    )
-                counts = await pipe.execute()
-        except RedisError as error:
+            counts = await self._evalsha_pipelined(self._append, calls)
+        except CLIENT_ERRORS as error:
             raise StoreError(f"redis append failed: {error}") from error
         accepted = sum(int(c) for c in counts)
         return AppendResult(accepted=accepted, duplicates=len(events) - accepted)
+
+    async def _evalsha_pipelined(
+        self, script: AsyncScript, calls: Sequence[tuple[list[str], list[bytes | str]]]
+    ) -> list[Any]:
+        """``script`` once per (keys, args), all in one pipeline: one round trip on a single node,
+        one per node (all at once) on a cluster, whose pipeline groups commands by node. Each
+        call's keys are one user's, so each call is one slot.
+
+        A node that has not seen the script (a new, restarted or promoted master) answers
+        NOSCRIPT to its calls; only those calls are sent again, once the script is loaded on
+        every master, so no call runs twice and the counts stay exact.
+        """
+        results: list[Any] = [None] * len(calls)
+        pending = list(range(len(calls)))
+        for _ in range(2):
+            # The cluster pipeline refuses pipe.evalsha(); the raw command routes by key.
+            async with self._client.pipeline(transaction=False) as pipe:
+                for i in pending:
+                    keys, args = calls[i]
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                answers = await pipe.execute(raise_on_error=False)
+            missing = []
+            for i, answer in zip(pending, answers, strict=True):
+                if isinstance(answer, NoScriptError):
+                    missing.append(i)
+                elif isinstance(answer, Exception):
+                    raise answer
+                else:
+                    results[i] = answer
+            if not missing:
+                return results
+            await self._client.script_load(script.script)
+            pending = missing
+        raise NoScriptError("script still unknown to a node after loading it on every master")
 
     async def read_events(self, user_id: int, cursor: int, stop: int | None = None) -> EventLog:
         keys = [self._key(user_id, "log"), self._key(user_id, "meta")]
@@ -219,7 +228,7 @@ class RedisStore:
             first, end, data = await self._read(
                 keys=keys, args=[cursor, -1 if stop is None else stop]
             )
-        except RedisError as error:
+        except CLIENT_ERRORS as error:
             raise StoreError(f"redis log read failed: {error}") from error
         return unpack_log(bytes(data), end=int(end), start=int(first))
 
@@ -231,7 +240,7 @@ class RedisStore:
                 self._key(user_id, "profile"),
                 mapping=_hash_fields(attributes),
             )
-        except RedisError as error:
+        except CLIENT_ERRORS as error:
             raise StoreError(f"redis profile write failed: {error}") from error
 
     async def seed(self, histories: SeedHistories) -> int:
@@ -261,7 +270,7 @@ class RedisStore:
                         mapping=_hash_fields(histories.profiles[user_id]),
                     )
                 await pipe.execute()
-        except RedisError as error:
+        except CLIENT_ERRORS as error:
             raise StoreError(f"redis seed failed: {error}") from error
         return written
 
@@ -279,7 +288,7 @@ class RedisStore:
                     return UserCount(users=users, complete=True)
                 if examined >= budget:
                     return UserCount(users=users, complete=False)
-        except RedisError as error:
+        except CLIENT_ERRORS as error:
             raise StoreError(f"redis count_users failed: {error}") from error
 
     # -- state cache ------------------------------------------------------------------------
@@ -298,7 +307,7 @@ class RedisStore:
                 keys=[self._key(user_id, f"state:{version}")],
                 args=[cursor, blob, ttl_seconds, int(replace)],
             )
-        except RedisError as error:
+        except CLIENT_ERRORS as error:
             raise StoreError(f"redis state write failed: {error}") from error
         return bool(won)
 
@@ -311,7 +320,7 @@ class RedisStore:
         ]
         try:
             blob, profile, length, start = await self._snapshot(keys=keys, args=[ttl_seconds])
-        except RedisError as error:
+        except CLIENT_ERRORS as error:
             raise StoreError(f"redis snapshot failed: {error}") from error
         return UserSnapshot(
             state=bytes(blob) if blob is not None else None,
@@ -325,7 +334,7 @@ class RedisStore:
     async def ping(self) -> None:
         try:
             await self._client.ping()
-        except RedisError as error:
+        except CLIENT_ERRORS as error:
             raise StoreError(f"redis unreachable: {error}") from error
 
     async def close(self) -> None:

@@ -2,7 +2,7 @@
 
 Whatever the path a state took (miss, folds of late and out-of-order events, retries, concurrent
 posts and ranks), /rank must equal encoder(full history) + scorer within 1e-5, for a model with
-and without time decay, on both stores.
+and without time decay, on every store (in-process, one Redis, a Redis Cluster).
 """
 
 from __future__ import annotations

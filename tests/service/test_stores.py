@@ -1,14 +1,17 @@
-"""One contract, two stores: every test runs against the in-process store and a real Redis."""
+"""One contract, three stores: every test runs against the in-process store, a real Redis and a
+real three-master Redis Cluster."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import redis as redis_sync
+from redis.asyncio.connection import Connection
 
 from loadtest.harness import redis_process
 from service.stores.base import HistoryLimits, NewEvent, SeedHistories, Store, StoreError
@@ -20,14 +23,28 @@ pytestmark = pytest.mark.anyio
 TTL = 3600
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+REDIS_BACKENDS = [
+    pytest.param("redis", marks=pytest.mark.redis),
+    pytest.param("cluster", marks=pytest.mark.redis),
+]
+
+
+def open_redis(request: pytest.FixtureRequest, backend: str) -> tuple[RedisStore, str]:
+    """A Redis store (single node or cluster) under this test's own prefix, and its URL."""
+    if backend == "cluster":
+        url = request.getfixturevalue("local_cluster").url
+        prefix = request.getfixturevalue("cluster_prefix")
+        return RedisStore(url, prefix=prefix, cluster=True), url
+    url = request.getfixturevalue("redis_url")
+    return RedisStore(url, prefix=request.getfixturevalue("redis_prefix")), url
+
+
+@pytest.fixture(params=["memory", *REDIS_BACKENDS])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     if request.param == "memory":
         yield MemoryStore()
         return
-    url = request.getfixturevalue("redis_url")
-    prefix = request.getfixturevalue("redis_prefix")
-    store = RedisStore(url, prefix=prefix)
+    store, _ = open_redis(request, request.param)
     try:
         yield store
     finally:
@@ -144,28 +161,34 @@ async def test_ping(store: Store) -> None:
     await store.ping()
 
 
-@pytest.mark.redis
-async def test_redis_keys_share_the_users_hash_tag(redis_url: str, redis_prefix: str) -> None:
-    store = RedisStore(redis_url, prefix=redis_prefix)
+@pytest.mark.parametrize("backend", REDIS_BACKENDS)
+async def test_redis_keys_share_the_users_hash_tag(
+    request: pytest.FixtureRequest, backend: str
+) -> None:
+    store, url = open_redis(request, backend)
     try:
         await store.append_events([event("a", 77, 1, 1.0)])
         await store.put_profile(77, {"gender": 1})
         await store.put_state("v9", 77, b"s", 1, TTL)
     finally:
         await store.close()
-    client = redis_sync.Redis.from_url(redis_url)
-    keys = sorted(k.decode() for k in client.scan_iter(match=f"{redis_prefix}:*"))
-    assert keys == [
-        f"{redis_prefix}:{{u:77}}:{part}" for part in ("eids", "log", "profile", "state:v9")
-    ]
-    assert 0 < client.ttl(f"{redis_prefix}:{{u:77}}:state:v9") <= TTL
+    cluster = backend == "cluster"
+    client = (redis_sync.RedisCluster if cluster else redis_sync.Redis).from_url(url)
+    prefix = store.prefix
+    keys = sorted(k.decode() for k in client.scan_iter(match=f"{prefix}:*"))
+    assert keys == [f"{prefix}:{{u:77}}:{part}" for part in ("eids", "log", "profile", "state:v9")]
+    assert 0 < client.ttl(f"{prefix}:{{u:77}}:state:v9") <= TTL
+    if isinstance(client, redis_sync.RedisCluster):
+        # One slot: one master holds them all, and a script may touch them together.
+        assert len({client.keyslot(key) for key in keys}) == 1
     client.close()
 
 
-async def test_an_unreachable_redis_raises_store_errors() -> None:
+@pytest.mark.parametrize("cluster", [False, True], ids=["redis", "cluster"])
+async def test_an_unreachable_redis_raises_store_errors(cluster: bool) -> None:
     from service.stores.base import StoreError
 
-    store = RedisStore("redis://127.0.0.1:1/0", timeout_seconds=0.2)
+    store = RedisStore("redis://127.0.0.1:1/0", timeout_seconds=0.2, cluster=cluster)
     try:
         with pytest.raises(StoreError):
             await store.ping()
@@ -275,3 +298,35 @@ async def test_a_rediss_url_talks_tls(tmp_path: Path) -> None:
         finally:
             await store.close()
             await plain.close()
+@pytest.mark.parametrize("backend", REDIS_BACKENDS)
+async def test_a_batch_is_one_script_call_per_user_in_one_round_trip_per_node(
+    request: pytest.FixtureRequest, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/events batches reach Redis pipelined: one EVALSHA per user (one slot), every call to a
+    node written in one send, so a batch costs a round trip per node, not one per event."""
+    store, _ = open_redis(request, backend)
+    users = range(300, 330)
+
+    def batch(tag: str) -> list[NewEvent]:
+        return [event(f"{tag}-{u}-{i}", u, i, float(i)) for u in users for i in range(10)]
+
+    sends: list[tuple[int, int]] = []  # (port, EVALSHA commands in the send)
+    real_send = Connection.send_packed_command
+
+    async def counted_send(self: Connection, command: Any, check_health: bool = True) -> None:
+        payload = b"".join(command) if isinstance(command, list) else bytes(command)
+        sends.append((int(self.port), payload.count(b"\r\nEVALSHA\r\n")))
+        await real_send(self, command, check_health)
+
+    try:
+        await store.append_events(batch("warm"))  # connects, learns the topology, loads scripts
+        monkeypatch.setattr(Connection, "send_packed_command", counted_send)
+        result = await store.append_events(batch("counted"))
+        monkeypatch.undo()
+        assert (result.accepted, result.duplicates) == (300, 0)
+    finally:
+        await store.close()
+    assert sum(calls for _, calls in sends) == len(users)
+    ports = [port for port, _ in sends]
+    assert len(ports) == len(set(ports))  # one send per node
+    assert len(ports) == (3 if backend == "cluster" else 1)  # 30 users span every master
