@@ -25,14 +25,16 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+# The window the model is trained with, and the history cap when neither the setting nor the
+# model's manifest names one.
+from model.features import DEFAULT_MAX_HISTORY
+
 ENV_PREFIX = "IFA_"
 PLAIN_REDIS_URL = "REDIS_URL"
 
 logger = logging.getLogger("service")
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_MAX_HISTORY = 1000
-"""History cap when neither the setting nor the model manifest names one."""
 
 
 class Settings(BaseSettings):
