@@ -189,7 +189,7 @@ class RedisStore:
         return AppendResult(accepted=accepted, duplicates=len(events) - accepted)
 
     async def _evalsha_pipelined(
-        self, script: AsyncScript, calls: Sequence[tuple[list[str], list[bytes | str]]]
+        self, script: AsyncScript, calls: Sequence[tuple[list[str], list[bytes | str | int]]]
     ) -> list[Any]:
         """``script`` once per (keys, args), all in one pipeline: one round trip on a single node,
         one per node (all at once) on a cluster, whose pipeline groups commands by node. Each
