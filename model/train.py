@@ -282,6 +282,16 @@ def train(settings: TrainSettings, world: World | None = None) -> RunResult:
     ``world`` may be passed already loaded. Under torchrun every rank returns the same metrics
     (predictions are all-gathered); only rank 0 writes ``settings.out``.
     """
+    try:
+        return _train(settings, world)
+    finally:
+        # Flushing denormals is this thread's floating-point state, not the caller's: leave it
+        # as Python starts (code run after training, a property-test library for one, may
+        # need subnormal floats).
+        torch.set_flush_denormal(False)
+
+
+def _train(settings: TrainSettings, world: World | None) -> RunResult:
     wall_started = time.perf_counter()
     rank, world_size = distributed()
     if settings.threads is not None:

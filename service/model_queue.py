@@ -55,6 +55,7 @@ class ModelQueue:
         :class:`Overloaded` when ``limit`` jobs are already pending there, so the caller's
         request is shed before it queues."""
         if self.inline and not long:
+            self._on_wait(0.0)  # no queue: the stage records that nothing was waited for
             return job()
         if self._pending >= self.limit:
             raise Overloaded(

@@ -30,6 +30,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
@@ -64,6 +65,9 @@ for i = 4, #ARGV, 2 do
   end
 end
 if accepted > 0 then
+  -- Every key of a user with a log exists: on a cluster, a script over a slot that is being
+  -- migrated runs where all its keys are, and a missing one would send it back and forth.
+  redis.call('HSETNX', KEYS[3], 'start', '0')
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. string.format('%d', start + n - window))
   if n >= trim_at then
     local drop = n - keep
@@ -280,6 +284,14 @@ class RedisStore:
         pattern = f"{_glob_escape(self.prefix)}:{{u:*}}:log"
         cursor, users, examined = 0, 0, 0
         try:
+            if isinstance(self._client, RedisCluster):
+                # A cluster's SCAN cursor is one per node: scan_iter walks every master in
+                # turn. The budget then bounds the users counted, not the keys examined.
+                async for _ in self._client.scan_iter(match=pattern, count=_SCAN_BATCH):
+                    users += 1
+                    if users >= budget:
+                        return UserCount(users=users, complete=False)
+                return UserCount(users=users, complete=True)
             while True:
                 cursor, keys = await self._client.scan(cursor, match=pattern, count=_SCAN_BATCH)
                 users += len(keys)

@@ -47,14 +47,17 @@ def connect(
         "socket_timeout": timeout_seconds,
         "socket_connect_timeout": timeout_seconds,
         "decode_responses": False,
-        "retry": Retry(
-            ExponentialWithJitterBackoff(cap=max(backoff_seconds * 8, 0.0), base=backoff_seconds),
-            retries,
-        ),
     }
     if cluster:
+        # The cluster client retries a command on another attempt after re-learning the slot
+        # map (a failover, a moved slot); its bounded default (3 attempts) is kept, since the
+        # ASK/MOVED handling below depends on its own connection handling.
         return _RedisCluster.from_url(url, require_full_coverage=False, **options)
-    return redis.Redis.from_url(url, **options)
+    retry = Retry(
+        ExponentialWithJitterBackoff(cap=max(backoff_seconds * 8, 0.0), base=backoff_seconds),
+        retries,
+    )
+    return redis.Redis.from_url(url, retry=retry, **options)
 
 
 class _RedisCluster(RedisCluster):

@@ -98,7 +98,7 @@ async def test_a_slot_moved_mid_use_is_followed_through_ask_and_moved(
         # Move the settled user's keys in one MIGRATE and hand the slot over everywhere.
         with node(source) as client:
             keys = client.execute_command("CLUSTER GETKEYSINSLOT", slot, 100)
-            assert len(keys) == 4  # log, ids, profile, state of the settled user (the
+            assert len(keys) == 5  # log, eids, meta, profile, state of the settled user (the
             # newcomer's profile is on the target already)
             client.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
         for n in cluster.nodes:

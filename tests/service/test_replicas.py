@@ -49,6 +49,9 @@ def replicas(
                 "IFA_REDIS_CLUSTER": "true",
                 "IFA_REDIS_URL": f"redis://127.0.0.1:{node.port}/0",
                 "IFA_REDIS_PREFIX": cluster_prefix,
+                # One process per replica, so that "at most one encode per replica" below is
+                # about replicas (a replica's several workers are replicas of one another too).
+                "IFA_WORKERS": "1",
             }
             log = tmp_path / f"replica-{i}.log"
             started.append(stack.enter_context(running_service(decay_artifact_dir, log, env=env)))

@@ -112,6 +112,7 @@ async def test_a_wrong_cached_state_is_replaced(
         services = services_of(client)
         _, candidates = await _posted_user(client, 4)
         good = await rank(client, 4, candidates)
+        await services.ranker.drain(5)  # the write-back runs after the answer
         good_state = await cached_state(services, 4)
         # Written over the good entry, with a cursor that would win any compare-and-set.
         bad = blob_of(good_state)
