@@ -268,10 +268,32 @@ class Ranker:
         if end == window_start:
             empty = replace(runtime.empty_state(), start=end, cursor=end)
             return CurrentState(empty, "miss", write=repair is not None, replace=True)
-        state = await self._single_flight(user_id, self._encode_window(user_id, window_start))
+        state = await self._single_flight(
+            user_id, self._stored_or_encoded(user_id, window_start, end, repair is not None)
+        )
         if not is_finite(state):
             raise ModelError("the encoder produced a non-finite state")
-        return CurrentState(state, "miss", write=True, replace=repair is not None)
+        # Stored inside the single flight already (a repair included).
+        return CurrentState(state, "miss", write=False)
+
+    async def _stored_or_encoded(
+        self, user_id: int, window_start: int, end: int, replace_wrong: bool
+    ) -> UserState:
+        """The single-flight work of a miss: a state of the window stored since this request's
+        snapshot (by another request of this worker, or another worker or replica), else the
+        window encoded and stored before the flight ends, so that a request that missed a
+        moment ago finds it instead of encoding again."""
+        if not replace_wrong:
+            snapshot = await self.store.snapshot(
+                self.runtime.state_version, user_id, self.state_ttl_seconds
+            )
+            stored, _ = self._decode(snapshot)
+            if stored is not None and stored.start == window_start and stored.cursor >= end:
+                return stored
+        state = await self._encode_window(user_id, window_start)
+        if self.state_cache and is_finite(state):
+            await self._write_back(user_id, state, replace_wrong)
+        return state
 
     def _decode(self, snapshot: UserSnapshot) -> tuple[UserState | None, RepairReason | None]:
         """The cached state if it can be used as a starting point, else why not."""
