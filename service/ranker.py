@@ -122,6 +122,8 @@ class Ranker:
         self.local = LocalStates(local_states)
         self._inflight: dict[int, asyncio.Future[UserState]] = {}
         self._write_backs: set[asyncio.Task[None]] = set()
+        self._flight_writes: dict[int, asyncio.Task[None]] = {}
+        """The write-back a user's single flight started, until the flight ends."""
         self._degraded_logged_at = -DEGRADED_LOG_INTERVAL_SECONDS
 
     async def rank(
@@ -273,16 +275,16 @@ class Ranker:
         )
         if not is_finite(state):
             raise ModelError("the encoder produced a non-finite state")
-        # Stored inside the single flight already (a repair included).
+        # The single flight has started its write-back (a repair included).
         return CurrentState(state, "miss", write=False)
 
     async def _stored_or_encoded(
         self, user_id: int, window_start: int, end: int, replace_wrong: bool
     ) -> UserState:
         """The single-flight work of a miss: a state of the window stored since this request's
-        snapshot (by another request of this worker, or another worker or replica), else the
-        window encoded and stored before the flight ends, so that a request that missed a
-        moment ago finds it instead of encoding again."""
+        snapshot (by another worker or replica), else the window encoded. Its write-back runs in
+        the background, and the flight stays open until it is done (:meth:`_single_flight`), so
+        that a request that missed a moment ago joins it instead of encoding again."""
         if not replace_wrong:
             snapshot = await self.store.snapshot(
                 self.runtime.state_version, user_id, self.state_ttl_seconds
@@ -292,7 +294,9 @@ class Ranker:
                 return stored
         state = await self._encode_window(user_id, window_start)
         if self.state_cache and is_finite(state):
-            await self._write_back(user_id, state, replace_wrong)
+            write = self._start_write_back(user_id, state, replace_wrong)
+            if write is not None:
+                self._flight_writes[user_id] = write
         return state
 
     def _decode(self, snapshot: UserSnapshot) -> tuple[UserState | None, RepairReason | None]:
@@ -380,22 +384,36 @@ class Ranker:
             return await asyncio.shield(running)
         future: asyncio.Future[UserState] = asyncio.ensure_future(work)
         self._inflight[user_id] = future
-        try:
-            return await asyncio.shield(future)
-        finally:
+
+        def end_flight(_: object = None) -> None:
             if self._inflight.get(user_id) is future:
                 del self._inflight[user_id]
 
+        try:
+            return await asyncio.shield(future)
+        finally:
+            # Open until the state the flight computed is stored: a request whose snapshot
+            # predates the store joins the finished flight rather than encoding again.
+            write = self._flight_writes.pop(user_id, None)
+            if write is None or write.done():
+                end_flight()
+            else:
+                write.add_done_callback(end_flight)
+
     # -- write-back ---------------------------------------------------------------------------
 
-    def _start_write_back(self, user_id: int, state: UserState, replace_wrong: bool) -> None:
-        """Write the state back in the background: the response does not wait for the store."""
+    def _start_write_back(
+        self, user_id: int, state: UserState, replace_wrong: bool
+    ) -> asyncio.Task[None] | None:
+        """Write the state back in the background: the response does not wait for the store.
+        None when too many write-backs are pending already (the write is skipped)."""
         if len(self._write_backs) >= MAX_PENDING_WRITE_BACKS:
             self.metrics.write_backs_skipped.inc()
-            return
+            return None
         task = asyncio.create_task(self._write_back(user_id, state, replace_wrong))
         self._write_backs.add(task)
         task.add_done_callback(self._write_backs.discard)
+        return task
 
     async def _write_back(self, user_id: int, state: UserState, replace_wrong: bool) -> None:
         try:

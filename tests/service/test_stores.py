@@ -176,7 +176,8 @@ async def test_redis_keys_share_the_users_hash_tag(
     client = (redis_sync.RedisCluster if cluster else redis_sync.Redis).from_url(url)
     prefix = store.prefix
     keys = sorted(k.decode() for k in client.scan_iter(match=f"{prefix}:*"))
-    assert keys == [f"{prefix}:{{u:77}}:{part}" for part in ("eids", "log", "profile", "state:v9")]
+    parts = ("eids", "log", "meta", "profile", "state:v9")
+    assert keys == [f"{prefix}:{{u:77}}:{part}" for part in parts]
     assert 0 < client.ttl(f"{prefix}:{{u:77}}:state:v9") <= TTL
     if isinstance(client, redis_sync.RedisCluster):
         # One slot: one master holds them all, and a script may touch them together.
