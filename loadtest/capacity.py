@@ -128,7 +128,8 @@ CONFIGS: dict[str, Config] = {
         ),
         Config(
             "cache-off",
-            "the defaults with the state cache off: every /rank encodes the whole history",
+            "the defaults with the state cache off: every /rank encodes the user's history "
+            "window (max_history events)",
             {"IFA_STATE_CACHE": "off"},
             (5, 10, 15, 20, 30, 40),
         ),
