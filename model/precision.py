@@ -53,7 +53,8 @@ def serve(model: ServingModel, request: Any, pool: np.ndarray) -> tuple[np.ndarr
     a production-sized candidate set ``pool`` (P, F_item) for the same user and state."""
     s, z = model.encode(
         torch.from_numpy(request.events),
-        torch.from_numpy(np.asarray(request.event_times, dtype=np.float64)),
+        # A copy: the world's timestamps are a read-only view of its Parquet column.
+        torch.from_numpy(np.array(request.event_times, dtype=np.float64)),
         request.request_time,
     )
     user = torch.from_numpy(request.user)
