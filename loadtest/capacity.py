@@ -443,7 +443,6 @@ class Curve:
     config: Config
     steps: list[OpenLoopStep]
     locust: list[LocustStep]
-    service_log: str
 
     @property
     def capacity(self) -> OpenLoopStep | None:
@@ -504,7 +503,7 @@ def run_curve(
             flush=True,
         )
         time.sleep(SETTLE_SECONDS)
-    return Curve(config, steps, locust, str(service.log))
+    return Curve(config, steps, locust)
 
 
 # -- the report ----------------------------------------------------------------------------------
