@@ -98,16 +98,24 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
             process.wait(timeout)
 
 
-def _start_redis(port: int, directory: Path, *options: str) -> subprocess.Popen[bytes]:
-    """A redis-server on 127.0.0.1:``port`` writing its log (and any files) in ``directory``."""
+def _start_redis(
+    port: int,
+    directory: Path,
+    *options: str,
+    listen: Sequence[str] = (),
+    tls_ca: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """A redis-server on 127.0.0.1:``port`` writing its log (and any files) in ``directory``;
+    ``listen`` replaces the plain ``--port`` (a TLS-only server), ``tls_ca`` is what the
+    readiness ping trusts."""
     binary = require_binary("redis-server", "redis-server")
     directory.mkdir(parents=True, exist_ok=True)
     log = directory / "redis.log"
     process = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(directory),
-         "--logfile", str(log), *options],
+        [binary, "--bind", "127.0.0.1", *(listen or ("--port", str(port))), "--save", "",
+         "--dir", str(directory), "--logfile", str(log), *options],
     )  # fmt: skip
-    wait_until(lambda: redis_pings(port), 10, f"redis-server on port {port}", process, log)
+    wait_until(lambda: redis_pings(port, tls_ca), 10, f"redis-server on port {port}", process, log)
     return process
 
 
@@ -162,26 +170,22 @@ class RedisProcess:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        binary = require_binary("redis-server", "redis-server")
-        log = self.directory / "redis.log"
         persistence = (
             ["--appendonly", "yes", "--appendfsync", self.appendfsync]
             if self.aof
             else ["--appendonly", "no"]
         )
         auth = ["--requirepass", self.password] if self.password else []
-        ports = ["--port", str(self.port)]
+        listen: list[str] = []
         ca: Path | None = None
         if self.tls:
             ca, key = self_signed_certificate(self.directory)
-            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(ca),
-                     "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
-                     "--tls-auth-clients", "no"]  # fmt: skip
-        self.process = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", *ports, "--save", "",
-             *persistence, *auth, "--dir", str(self.directory), "--logfile", str(log)],
-        )  # fmt: skip
-        wait_until(lambda: redis_pings(self.port, ca), 10, "redis-server", self.process, log)
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(ca),
+                      "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                      "--tls-auth-clients", "no"]  # fmt: skip
+        self.process = _start_redis(
+            self.port, self.directory, *persistence, *auth, listen=listen, tls_ca=ca
+        )
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no final fsync; what survives is what the AOF already had."""
