@@ -313,7 +313,8 @@ def _world_section(name: str, world: Path, scored: Scored, best: str, tests: dic
 def _setup(protocol: Protocol, options: Options, n_replicates: int, what: str) -> str:
     return (
         f"**Setup.** {what} Streaming protocol (IFA §5.1) as in Table 2: each batch scored, then "
-        f"trained on; one pass, batch {protocol.batch_size}, learning rate {protocol.lr:g}, "
+        f"trained on; one pass{_burn_in_note(protocol)}, batch {protocol.batch_size}, learning "
+        f"rate {protocol.lr:g}, "
         f"max_history = {protocol.max_history} (the window the service keeps), shared network "
         f"settings {dict(protocol.net_overrides)}, the first {protocol.warmup:.0%} of batches "
         "not evaluated. Scores: impression by p_imp, each action by p_imp · p(action | imp), "
@@ -323,6 +324,15 @@ def _setup(protocol: Protocol, options: Options, n_replicates: int, what: str) -
         "requests, shared by all models of a world (paired); verdicts: wins / loses when the "
         "95% interval of the paired GAUC difference excludes 0, ties otherwise. Requested "
         f"seeds {', '.join(map(str, options.seeds))}; the seeds column says which ran."
+    )
+
+
+def _burn_in_note(protocol: Protocol) -> str:
+    if not protocol.burn_in:
+        return ""
+    return (
+        f" after {protocol.burn_in} burn-in passes over the first {protocol.warmup:.0%} of the "
+        "stream (every model alike; never on a request before it is scored)"
     )
 
 
@@ -367,12 +377,12 @@ def _world_data(scored: Scored, best: str, tests: dict[str, Any]) -> dict[str, A
 def fair(options: Options) -> Report:
     presets = options.presets or FAIR_PRESETS
     sections: list[str] = []
-    data: dict[str, Any] = {**_header("fair", FAIR, options), "worlds": {}}
+    data: dict[str, Any] = {**_header("fair", options.protocol(FAIR), options), "worlds": {}}
     rows = []
     seconds = {"runs": 0, "seconds": 0.0}
     for preset in presets:
         world = ensure_world(preset, WORLD_SEED, options.worlds)
-        protocol = PROTOCOLS.get(preset, FAIR)
+        protocol = options.protocol(PROTOCOLS.get(preset, FAIR))
         scored = score_world(options, world, protocol, FAIR_NETS, N_REPLICATES)
         if scored is None:
             sections.append(f"## {preset}: {WORLD_NOTES.get(preset, '')}\n\nNot run.")
@@ -410,16 +420,17 @@ def fair(options: Options) -> Report:
         "on the history."
     )
     return Report(
-        "fair",
+        f"fair{options.suffix}",
         "Fair comparison: published baselines, +mass variants, IFA (paper) and IFA+degree",
-        [_setup(FAIR, options, N_REPLICATES, what), summary, *sections],
+        [_setup(options.protocol(FAIR), options, N_REPLICATES, what), summary, *sections],
         data,
     )
 
 
 def fair_movielens(options: Options) -> Report:
     world = ensure_movielens(options.worlds)
-    scored = score_world(options, world, FAIR_MOVIELENS, MOVIELENS_NETS, N_REPLICATES)
+    protocol = options.protocol(FAIR_MOVIELENS)
+    scored = score_world(options, world, protocol, MOVIELENS_NETS, N_REPLICATES)
     if scored is None:
         raise RuntimeError(f"no runs on {world}: train them (leave out --cached-only)")
     best = best_baseline(scored)
@@ -432,7 +443,7 @@ def fair_movielens(options: Options) -> Report:
         "request time, drawn by popularity as of that time. No ground truth: no oracle row."
     )
     sections = [
-        _setup(FAIR_MOVIELENS, options, N_REPLICATES, what),
+        _setup(protocol, options, N_REPLICATES, what),
         _world_section("movielens", world, scored, best, tests),
         "**Ablations** (IFA+degree against the paper's IFA: the degree's contribution; and "
         "against IFA+degree without RAM: RAM's):\n\n"
@@ -441,14 +452,17 @@ def fair_movielens(options: Options) -> Report:
         + comparison_table(ablations_ram, "ifa_no_ram"),
     ]
     data = {
-        **_header("fair_movielens", FAIR_MOVIELENS, options),
+        **_header("fair_movielens", protocol, options),
         "world": str(world),
         **_world_data(scored, best, tests),
         "ablations": {"degree": ablations, "ram": ablations_ram},
         "training_seconds": training_seconds(scored.runs),
     }
     return Report(
-        "fair_movielens", "Fair comparison on MovieLens 100K, with IFA's ablations", sections, data
+        f"fair_movielens{options.suffix}",
+        "Fair comparison on MovieLens 100K, with IFA's ablations",
+        sections,
+        data,
     )
 
 
