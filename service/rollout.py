@@ -10,9 +10,10 @@ A rollout (to the version ``<model_dir>/LATEST`` names, polled every ``model_pol
 1. load the version's programs off the event loop and run them once (program specialisation);
 2. if its *state version* differs (another encoder or catalogue), warm it: the states of the
    most recently active users (:mod:`service.activity`) are encoded for the new encoder and
-   stored under the new state version, one user at a time at ``rollout_warm_duty`` of the
-   time, so the old version keeps its latency. A fusion or scorer-only change keeps the state
-   version, so every cached state stays valid and nothing is warmed;
+   stored under the new state version, one user at a time, the server's workers together
+   encoding ``rollout_warm_duty`` of one CPU's time, so the old version keeps its latency. A
+   fusion or scorer-only change keeps the state version, so every cached state stays valid and
+   nothing is warmed;
 3. switch: one assignment of the holder;
 4. after ``rollout_cleanup_delay_seconds``, if the version is still served, delete the cached
    states of every other state version (a background scan in batches, once per version
@@ -248,7 +249,8 @@ class Rollout:
         status.warm_total = len(users)
         gauge.labels(count="total").set(len(users))
         gauge.labels(count="done").set(0)
-        duty = self.settings.rollout_warm_duty
+        # The workers of one server warm at once: together they take rollout_warm_duty.
+        duty = self.settings.rollout_warm_duty / self.settings.resolved_workers()
         for user_id in users:
             started = time.perf_counter()
             try:

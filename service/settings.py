@@ -237,9 +237,9 @@ class Settings(BaseSettings):
         default=0.25,
         gt=0,
         le=1,
-        description="Share of the time the warm-up may encode: after each user it pauses for "
-        "(1 - duty) / duty times the encoding's duration, so the version serving keeps its "
-        "latency.",
+        description="Share of one CPU's time a rollout's warm-up may take on this server, split "
+        "over its workers: after each user a worker pauses for (1 - d) / d times the encoding's "
+        "duration, d = duty / workers, so the version serving keeps its latency.",
     )
     rollout_cleanup_delay_seconds: float = Field(
         default=120.0,
