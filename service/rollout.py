@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from model.artifact import LATEST_FILE, MANIFEST_FILE, resolve_artifact_dir
 from service.metrics import Metrics
 from service.model_queue import ModelQueue
@@ -122,7 +124,13 @@ class Rollout:
         self._tasks: set[asyncio.Task[None]] = set()
         self._poll: asyncio.Task[None] | None = None
         # Loading and first runs of a new version stay off the model thread that serves.
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="ifa-rollout")
+        self._loader = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="ifa-rollout",
+            # With OpenMP the thread count is per thread: the first runs use the served count.
+            initializer=torch.set_num_threads,
+            initargs=(settings.torch_threads,),
+        )
         self._rng = random.Random(os.getpid())
         self._show(holder.current.runtime, active=True)
 
