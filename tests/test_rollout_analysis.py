@@ -61,6 +61,10 @@ def test_analysis_of_a_run() -> None:
     # Misses until 71 s: bins [60, 65) to [70, 75) are below steady; [75, 80) is back, 14 s
     # after the first answer of v3 (5 s resolution).
     assert report["encoder"]["cache_ratio_recovered_s_after_switch"] == 14.0
+    assert report["encoder"]["lowest_cache_ratio_after"] == 0.5
+    warmed = [{**r, "state_cache": "hit"} if r["route"] == "/rank" else r for r in run()]
+    no_dip = analyse(warmed, samples, VERSIONS, published)
+    assert no_dip["encoder"]["cache_ratio_recovered_s_after_switch"] == 0.0
     document = to_markdown(
         {
             "command": "python -m loadtest.rollout",

@@ -150,8 +150,8 @@ class RolloutRecords(Protocol):
     encoder) and the removal of the states of encoders no longer served."""
 
     async def record_activity(self, seen: Mapping[int, float], keep: int) -> None:
-        """Note users' latest activity (unix seconds); the store remembers the ``keep`` most
-        recent users only."""
+        """Note users' latest activity (unix seconds); the store keeps the ``keep`` most recent
+        users (and at most as many more), so the record stays bounded."""
         ...
 
     async def active_users(self, count: int) -> list[int]:

@@ -98,9 +98,12 @@ async def test_response_lists_the_top_events(artifact_dir: Path) -> None:
         assert sum(e["weight"] for e in part["events"]) == pytest.approx(1.0, abs=1e-4)
 
 
-async def test_an_event_folded_out_of_the_window_disappears(artifact_dir: Path) -> None:
+async def test_an_event_folded_out_of_the_window_disappears(
+    artifact_dir: Path, store_settings: dict[str, Any]
+) -> None:
     rng = np.random.default_rng(5)
-    async with service_client(make_settings(artifact_dir, max_history=10)) as client:
+    settings = make_settings(artifact_dir, max_history=10, **store_settings)
+    async with service_client(settings) as client:
         await client.post("/events", json=events_payload(3, 10, rng))
         first = (await client.post("/explain", json={"user_id": 3, "item_id": 7, "top": 10})).json()
         await client.post("/events", json=events_payload(3, 4, rng, start=10))
