@@ -14,6 +14,10 @@ script's KEYS are one user's):
 * ``<prefix>:{u:<id>}:profile`` — hash of profile attributes;
 * ``<prefix>:{u:<id>}:state:<version>`` — hash {c: cursor, s: state blob} with a TTL.
 
+Two keys are not a user's: ``<prefix>:active`` (sorted set, user -> latest activity, the users a
+rollout warms; bounded, written once a second per worker) and ``<prefix>:rollout:cleaned:<state
+version>`` (the lock that lets one worker delete the older states after a rollout).
+
 Bounded storage: once a log holds ``limits.trim_at`` (2 · max_history) records, the append that
 crossed it drops the oldest, down to the last ``limits.keep`` (the state's window and half a
 window of slack for fold-outs, :class:`~service.stores.base.HistoryLimits`), so a user costs at
