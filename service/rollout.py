@@ -208,7 +208,7 @@ class Rollout:
                 runtime = await self._load(version)
                 same_states = runtime.state_version == current.runtime.state_version
                 ranker = self.make_ranker(runtime, current.ranker if same_states else None)
-                if not same_states:
+                if not same_states and self.settings.state_cache:  # nothing to warm without it
                     status.phase = "warming"
                     await self._warm(ranker)
             except Exception as error:  # a bad artefact must not take the worker down
