@@ -18,12 +18,12 @@ import pytest
 
 from model.artifact import load_manifest
 from service.api.deps import Services
-from tests.support import T0, build_artifact, events_payload, make_settings, service_client
+from tests.service.test_consistency import rank
+from tests.support import build_artifact, events_payload, make_settings, service_client
 
 pytestmark = pytest.mark.anyio
 USERS = (1, 2, 3)
 CANDIDATES = list(range(40))
-REQUEST_TIME = T0 + 3 * 86400.0
 TOKEN = "admin-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FAST = {"model_poll_seconds": 0.05, "rollout_cleanup_delay_seconds": 0.0, "api_token": TOKEN}
@@ -41,21 +41,6 @@ def services_of(client: httpx.AsyncClient) -> Services:
     services = client.app.state.services  # type: ignore[attr-defined]
     assert isinstance(services, Services)
     return services
-
-
-async def rank(client: httpx.AsyncClient, user_id: int) -> dict[str, Any]:
-    response = await client.post(
-        "/rank",
-        json={
-            "user_id": user_id,
-            "candidate_ids": CANDIDATES,
-            "k": len(CANDIDATES),
-            "request_time": REQUEST_TIME,
-        },
-    )
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 async def serving(client: httpx.AsyncClient, version: str) -> bool:
@@ -79,13 +64,13 @@ async def test_a_fusion_change_keeps_every_cached_state(export_root: Path) -> No
     first = load_manifest(export_root)
     async with service_client(make_settings(export_root, **FAST)) as client:
         await post_histories(client)
-        before = {user: await rank(client, user) for user in USERS}
+        before = {user: await rank(client, user, CANDIDATES) for user in USERS}
         await services_of(client).ranker.drain(5)
         build_artifact(export_root, time_decay=True, fusion={"click": 1.0, "like": 2.0})
         second = load_manifest(export_root)
         assert second.version != first.version and second.state_version == first.state_version
         await eventually(lambda: serving(client, second.version))
-        after = {user: await rank(client, user) for user in USERS}
+        after = {user: await rank(client, user, CANDIDATES) for user in USERS}
     for user in USERS:
         assert before[user]["model_version"] == first.version
         assert after[user]["model_version"] == second.version
@@ -101,7 +86,7 @@ async def test_an_encoder_change_warms_switches_cleans_up_and_rolls_back(
     async with service_client(settings) as client:
         services = services_of(client)
         await post_histories(client)
-        before = {user: await rank(client, user) for user in USERS}
+        before = {user: await rank(client, user, CANDIDATES) for user in USERS}
         await services.ranker.drain(5)
         await services.activity.flush()  # who is active reaches the store now, not in 1 s
         assert set(await services.store.active_users(10)) == set(USERS)
@@ -111,7 +96,7 @@ async def test_an_encoder_change_warms_switches_cleans_up_and_rolls_back(
         assert second.state_version != first.state_version
         await eventually(lambda: serving(client, second.version))
         assert services.rollout.status.warm_done == len(USERS)
-        after = {user: await rank(client, user) for user in USERS}
+        after = {user: await rank(client, user, CANDIDATES) for user in USERS}
         assert all(after[u]["state_cache"] == "hit" for u in USERS)  # warmed before the switch
         assert all(after[u]["model_version"] == second.version for u in USERS)
 
@@ -127,7 +112,7 @@ async def test_an_encoder_change_warms_switches_cleans_up_and_rolls_back(
         assert response.status_code == 202, response.text
         assert (export_root / "LATEST").read_text().strip() == first.version
         await eventually(lambda: serving(client, first.version))
-        rolled_back = {user: await rank(client, user) for user in USERS}
+        rolled_back = {user: await rank(client, user, CANDIDATES) for user in USERS}
         state = (await client.get("/admin/model", headers=AUTH)).json()
     for user in USERS:
         # Bit for bit: the JSON floats are the same numbers.
@@ -160,11 +145,11 @@ async def test_a_request_in_flight_finishes_on_its_version(export_root: Path) ->
     async with service_client(make_settings(export_root, model_poll_seconds=0)) as client:
         services = services_of(client)
         await post_histories(client)
-        expected = await rank(client, 1)
+        expected = await rank(client, 1, CANDIDATES)
         old_ranker = services.ranker
         held = _HeldSnapshots(old_ranker.store)
         old_ranker.store = held
-        in_flight = asyncio.create_task(rank(client, 1))
+        in_flight = asyncio.create_task(rank(client, 1, CANDIDATES))
         await held.waiting.wait()
         build_artifact(export_root, time_decay=True, fusion={"like": 1.0})
         second = load_manifest(export_root)
@@ -172,7 +157,7 @@ async def test_a_request_in_flight_finishes_on_its_version(export_root: Path) ->
         assert services.runtime.version == second.version
         held.release.set()
         finished = await in_flight
-        later = await rank(client, 1)
+        later = await rank(client, 1, CANDIDATES)
     assert finished["model_version"] == first.version
     assert finished["items"] == expected["items"]  # scored by the old version throughout
     assert later["model_version"] == second.version
@@ -193,7 +178,7 @@ async def test_a_broken_version_fails_and_the_old_one_keeps_serving(export_root:
         await eventually(failed)
         assert services.rollout.status.error  # says why
         assert services.rollout.status.target == "ifa-broken"
-        response = await rank(client, 1)
+        response = await rank(client, 1, CANDIDATES)
     assert response["model_version"] == first.version
 
 
