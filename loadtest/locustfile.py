@@ -6,8 +6,9 @@ come from ``IFA_LOADTEST_*`` environment variables (see :mod:`loadtest.traffic`)
 
 With ``IFA_LOADTEST_RECORD_DIR`` set, every request is also written to
 ``<dir>/requests-<pid>.jsonl``: start and end (unix seconds), route, status, the rank's
-``state_cache`` and the event ids a 2xx /events acknowledged. Fault tests judge a run by it
-(what was acknowledged, what each phase of an outage answered).
+``state_cache`` and ``model_version``, and the event ids a 2xx /events acknowledged. Fault tests
+judge a run by it (what was acknowledged, what each phase of an outage answered); the rollout
+measurement by the versions and cache outcomes over time.
 """
 
 from __future__ import annotations
@@ -86,7 +87,11 @@ class RankingUser(FastHttpUser):
             if _record is not None:
                 answer = response.json() if response.status_code == 200 else {}
                 record(
-                    "/rank", started, response.status_code, state_cache=answer.get("state_cache")
+                    "/rank",
+                    started,
+                    response.status_code,
+                    state_cache=answer.get("state_cache"),
+                    model_version=answer.get("model_version"),
                 )
             if response.status_code != 200:
                 response.failure(f"status {response.status_code}: {response.text[:200]}")

@@ -17,17 +17,20 @@ import torch
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from service.activity import ActivityTracker
 from service.admission import AdmissionMiddleware
-from service.api import events, health, info, rank
+from service.api import admin, events, explain, health, info, rank
 from service.api.deps import Services
 from service.api.docs import install_docs
 from service.arrivals import ArrivalLogMiddleware
 from service.errors import install_error_handlers
+from service.explain import EagerNets, RateLimit
 from service.loop_lag import watch_loop_lag
 from service.metrics import Metrics, retire_worker
 from service.middleware import HttpMetricsMiddleware
 from service.model_queue import ModelQueue
 from service.ranker import Ranker
+from service.rollout import ModelHolder, Rollout, Serving
 from service.runtime import ModelRuntime, load_runtime
 from service.schemas import MAX_ID
 from service.seed import load_seed
@@ -53,6 +56,9 @@ at 1 ms and 5.0 ms at 0.2 ms."""
 SHUTDOWN_DRAIN_SECONDS = 2.0
 """How long shutdown waits for background state write-backs before closing the store."""
 
+EXPLAIN_BURST = 5
+"""/explain calls a worker accepts at once before its rate limit applies."""
+
 WARMUP_CANDIDATES = (1, 100, 1000)
 """Candidate-set sizes scored once at start, so the first requests do not pay for program
 specialisation (TorchScript profiles its first calls)."""
@@ -72,6 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             lag_watch.cancel()
             app.state.services = None
+            await services.rollout.stop()
+            await services.activity.stop()
             await services.ranker.drain(SHUTDOWN_DRAIN_SECONDS)
             await services.store.close()
             services.runtime.queue.executor.shutdown(wait=True)
@@ -100,7 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.arrival_log is not None:
         app.add_middleware(ArrivalLogMiddleware, directory=settings.arrival_log)
     install_error_handlers(app, metrics, settings.retry_after_seconds)
-    for module in (rank, events, health, info):
+    for module in (rank, events, explain, admin, health, info):
         app.include_router(module.router)
     install_docs(app)
     _document_runtime_limits(app, settings)
@@ -157,23 +165,46 @@ async def start(settings: Settings, metrics: Metrics) -> Services:
             await store.close()
         executor.shutdown(wait=False)
         raise
-    metrics.model_info.labels(version=runtime.version).set(1)
-    ranker = Ranker(
-        runtime,
-        store,
-        metrics,
-        settings.state_ttl_seconds,
-        state_cache=settings.state_cache,
-        max_history=max_history,
-        state_budget_seconds=settings.request_budget_seconds * settings.state_fetch_share,
-        local_states=settings.local_states,
-    )
+
+    def make_ranker(runtime: ModelRuntime, previous: Ranker | None = None) -> Ranker:
+        """A version's ranker; with the same state version as ``previous``, it shares that
+        ranker's recent states (degraded answers stay valid across the switch)."""
+        ranker = Ranker(
+            runtime,
+            store,
+            metrics,
+            settings.state_ttl_seconds,
+            state_cache=settings.state_cache,
+            # The store trims logs to the cap it opened with: every version keeps that window.
+            max_history=max_history,
+            state_budget_seconds=settings.request_budget_seconds * settings.state_fetch_share,
+            local_states=settings.local_states,
+        )
+        if previous is not None:
+            ranker.local = previous.local
+        return ranker
+
+    ranker = make_ranker(runtime)
+    holder = ModelHolder(Serving(runtime, ranker))
+    rollout = Rollout(settings, metrics, store, holder, queue, make_ranker, warm_up)
+    activity = ActivityTracker(store, settings.rollout_warm_users)
+    activity.start()
+    rollout.start()
     logger.info(
         "serving %s (%s, %s, states %s, history cap %d) from %s",
         runtime.version, runtime.model.program_format, runtime.model.precision,
         runtime.state_version, max_history, settings.model_dir,
     )  # fmt: skip
-    return Services(settings, metrics, runtime, store, ranker)
+    return Services(
+        settings,
+        metrics,
+        holder,
+        store,
+        rollout,
+        activity,
+        EagerNets(),
+        RateLimit(settings.explain_rate_per_second, EXPLAIN_BURST),
+    )
 
 
 async def log_store(store: Store, settings: Settings) -> None:

@@ -51,6 +51,8 @@ ERROR_KINDS = (
     "validation", "store", "model", "internal", "overloaded", "unauthorized", "too_large",
 )  # fmt: skip
 STATE_REPAIRS = ("undecodable", "non_finite", "cursor_beyond_log", "window_unreachable")
+ROLLOUT_OUTCOMES = ("switched", "failed")
+EXPLAIN_OUTCOMES = ("ok", "rate_limited")
 STORE_OPERATIONS = (
     "snapshot", "read_events", "append_events", "put_state", "put_profile", "seed", "ping",
 )  # fmt: skip
@@ -161,6 +163,31 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.rollouts = Counter(
+            "ifa_rollouts_total",
+            "Model rollouts by outcome: switched (to a new version, or back) or failed (the old "
+            "version still serves).",
+            ["outcome"],
+            registry=r,
+        )
+        self.rollout_warm_users = Gauge(
+            "ifa_rollout_warm_users",
+            "Warm-up of a rollout, summed over workers: users to warm (total) and warmed (done).",
+            ["count"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.states_deleted = Counter(
+            "ifa_states_deleted_total",
+            "Cached states of older state versions deleted after a rollout.",
+            registry=r,
+        )
+        self.explains = Counter(
+            "ifa_explain_total",
+            "POST /explain calls by outcome: ok, or rate_limited (429).",
+            ["outcome"],
+            registry=r,
+        )
         # Pre-create the bounded label sets so that dashboards see zeros, not gaps.
         for stage in STAGES:
             self.rank_stage.labels(stage=stage)
@@ -172,6 +199,12 @@ class Metrics:
             self.errors.labels(kind=kind)
         for reason in STATE_REPAIRS:
             self.state_repairs.labels(reason=reason)
+        for outcome in ROLLOUT_OUTCOMES:
+            self.rollouts.labels(outcome=outcome)
+        for count in ("total", "done"):
+            self.rollout_warm_users.labels(count=count)
+        for outcome in EXPLAIN_OUTCOMES:
+            self.explains.labels(outcome=outcome)
         for operation in STORE_OPERATIONS:
             self.store_duration.labels(operation=operation)
             self.store_errors.labels(operation=operation)

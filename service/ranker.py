@@ -185,6 +185,14 @@ class Ranker:
         metrics.notify("forward_cpu", scored.forward_cpu_seconds)
         return RankResult(item_ids, scored, unknown, state.cursor - state.start, current.outcome)
 
+    async def user_state(self, user_id: int) -> tuple[CurrentState, dict[str, int]]:
+        """The state and profile a /rank of this user would score with now (its write-back
+        started as /rank would): for callers other than /rank (/explain, the rollout warm-up)."""
+        current, profile = await self._state_within_budget(user_id)
+        if self.state_cache and current.write:
+            self._start_write_back(user_id, current.state, current.replace)
+        return current, profile
+
     def render(self, result: RankResult, k: int) -> bytes:
         """Top k, best first, as the JSON body of :class:`service.schemas.RankResponse`."""
         scores = result.scored.scores

@@ -17,7 +17,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from model.artifact import ServingModel, load_artifact, load_manifest
+from model.artifact import ServingModel, load_artifact, load_manifest, resolve_artifact_dir
 from model.catalogue import Catalogue
 from model.features import FeatureSpec
 from service.model_queue import ModelQueue
@@ -40,9 +40,13 @@ class Scored:
 class ModelRuntime:
     """One model version, ready to encode histories and score candidate sets."""
 
-    def __init__(self, model: ServingModel, queue: ModelQueue) -> None:
+    def __init__(
+        self, model: ServingModel, queue: ModelQueue, directory: Path | None = None
+    ) -> None:
         manifest = model.manifest
         self.model = model
+        self.directory = directory
+        """The artefact directory (its checkpoint serves /explain), when loaded from one."""
         self.catalogue: Catalogue = model.catalogue
         self.queue = queue
         self.version: str = str(manifest.version)
@@ -178,4 +182,5 @@ def load_runtime(
     model_dir: Path, program_format: str, precision: str, queue: ModelQueue
 ) -> ModelRuntime:
     """Load ``model_dir`` (an artefact directory, or an export root whose LATEST names one)."""
-    return ModelRuntime(load_artifact(model_dir, program_format, precision), queue)
+    directory = resolve_artifact_dir(model_dir)
+    return ModelRuntime(load_artifact(directory, program_format, precision), queue, directory)

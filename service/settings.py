@@ -219,6 +219,42 @@ class Settings(BaseSettings):
         "(load-test verification: loadtest.capacity checks the arrivals it offered against "
         "them). Off when unset.",
     )
+    model_poll_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="How often each worker reads <model_dir>/LATEST; a new version there is "
+        "loaded, warmed and switched to while the old one serves (0: never, the version loaded "
+        "at start is served until restart). POST /admin/model writes LATEST.",
+    )
+    rollout_warm_users: int = Field(
+        default=10_000,
+        ge=0,
+        description="Most recently active users whose states a rollout encodes for a new "
+        "encoder before switching (only when the state version changes; a fusion or scorer-only "
+        "change keeps every cached state). Also the users the store remembers as active.",
+    )
+    rollout_warm_duty: float = Field(
+        default=0.25,
+        gt=0,
+        le=1,
+        description="Share of one CPU's time a rollout's warm-up may take on this server, split "
+        "over its workers: after each user a worker pauses for (1 - d) / d times the encoding's "
+        "duration, d = duty / workers, so the version serving keeps its latency.",
+    )
+    rollout_cleanup_delay_seconds: float = Field(
+        default=120.0,
+        ge=0,
+        description="Wait after a switch before the cached states of other state versions are "
+        "deleted (background scan, in batches): long enough for every worker to follow LATEST "
+        "(model_poll_seconds) and warm.",
+    )
+    explain_rate_per_second: float = Field(
+        default=2.0,
+        ge=0,
+        description="POST /explain calls one worker accepts per second (a debugging call: it "
+        "reads the user's whole window); bursts of up to 5. Past it, 429 with Retry-After. 0 "
+        "turns /explain off.",
+    )
     seed_world: Path | None = Field(
         default=None,
         description="Demo world directory (events.parquet, users.parquet) whose histories "

@@ -24,8 +24,16 @@ CATALOGUE_ITEMS = 1000
 T0 = 1.7e9
 
 
-def build_artifact(out: Path, time_decay: bool, seed: int = 0) -> Path:
-    """Export an untrained IFA (small spec, torchscript) with a synthetic catalogue."""
+def build_artifact(
+    out: Path,
+    time_decay: bool,
+    seed: int = 0,
+    fusion: dict[str, float] | None = None,
+    update_latest: bool = True,
+) -> Path:
+    """Export an untrained IFA (small spec, torchscript) with a synthetic catalogue; ``seed``
+    picks the weights and catalogue, ``fusion`` the score's weights (the model's version
+    changes with either, its state version with the seed only)."""
     import torch
 
     torch.manual_seed(seed)
@@ -49,7 +57,14 @@ def build_artifact(out: Path, time_decay: bool, seed: int = 0) -> Path:
         },
         spec,
     )
-    export_artifact(Checkpoint("ifa", spec, net), catalogue, out, formats=("torchscript",))
+    export_artifact(
+        Checkpoint("ifa", spec, net),
+        catalogue,
+        out,
+        fusion=fusion,
+        formats=("torchscript",),
+        update_latest=update_latest,
+    )
     return out
 
 

@@ -97,7 +97,8 @@ def test_grafana_provisioning_matches_the_dashboard() -> None:
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     titles = " ".join(p["title"].lower() for p in panels)
     for topic in ("latency", "requests/s", "error ratio", "stage", "cache hit", "candidates",
-                  "events ingested", "in-flight"):  # fmt: skip
+                  "events ingested", "in-flight", "active model version", "warm-up",
+                  "/explain"):  # fmt: skip
         assert topic in titles, f"no panel about {topic}"
 
 

@@ -148,6 +148,7 @@ def traffic(
     post_json(f"{url}/events", {"events": events})
     post_json(f"{url}/events", {"events": events[:1]})  # a duplicate
     post_json(f"{url}/rank", {"user_id": 10_000_001, "candidate_ids": [1, 2, 3], "k": 2})
+    post_json(f"{url}/explain", {"user_id": 10_000_001, "item_id": 2, "top": 3})
     try:
         post_json(f"{url}/rank", {"user_id": 1, "candidate_ids": [], "k": 1})
     except urllib.error.HTTPError as error:

@@ -91,14 +91,19 @@ class SequenceEncoder(nn.Module):
             return torch.zeros_like(self.decay_logit)
         return F.softplus(self.decay_logit) / self.seconds_per_day
 
+    def keys_values(self, events: Tensor) -> tuple[Tensor, Tensor]:
+        """Each event's φ(k) (B, H, N, dk) and v (B, H, N, dv): its state contribution before
+        the decay weight (also what /explain weighs events with)."""
+        e = self.event_embedding(events)
+        keys = feature_map(split_heads(self.key(e), self.heads), self.feature_map)
+        return keys, split_heads(self.value(e), self.heads)
+
     def forward(
         self, events: Tensor, event_mask: Tensor, event_times: Tensor, reference_time: Tensor
     ) -> tuple[Tensor, Tensor]:
         """events (B, N, F_event), event_mask (B, N), event_times (B, N) and reference_time (B,)
         in unix seconds (float64). With decay, contributions are discounted to reference_time."""
-        e = self.event_embedding(events)
-        keys = feature_map(split_heads(self.key(e), self.heads), self.feature_map)
-        values = split_heads(self.value(e), self.heads)
+        keys, values = self.keys_values(events)
         weights: Tensor | None = None
         if self.time_decay:
             weights = decay_weights(event_times, reference_time, self.decay_rates())
@@ -132,14 +137,19 @@ class CandidateScorer(nn.Module):
             embeddings.user.dim, embeddings.item.dim, config.interest_dim, config
         )
 
+    def query_features(self, user_embedding: Tensor, candidate_embeddings: Tensor) -> Tensor:
+        """φ(q) (B, H, M, dk) of embedded users (B, du) and candidates (B, M, di)."""
+        expanded = user_embedding[:, None, :].expand(-1, candidate_embeddings.shape[1], -1)
+        q_in = torch.cat([candidate_embeddings, expanded], dim=-1)
+        return feature_map(split_heads(self.query(q_in), self.heads), self.feature_map)
+
     def forward(
         self, user: Tensor, candidates: Tensor, candidate_mask: Tensor, s: Tensor, z: Tensor
     ) -> Tensor:
         """user (B, F_user), candidates (B, M, F_item), candidate_mask (B, M), state (S, z)."""
         u = self.user_embedding(user)  # (B, du)
         c = self.item_embedding(candidates)  # (B, M, di)
-        q_in = torch.cat([c, u[:, None, :].expand(-1, c.shape[1], -1)], dim=-1)
-        queries = feature_map(split_heads(self.query(q_in), self.heads), self.feature_map)
+        queries = self.query_features(u, c)
         parts = [merge_heads(read_state(queries, (s, z), self.eps))]
         if self.degree_feature:
             parts.append(torch.log1p(attention_degree(queries, z)).transpose(1, 2))  # (B, M, H)

@@ -9,9 +9,12 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.activity import ActivityTracker
 from service.errors import NotReady, Unauthorized
+from service.explain import EagerNets, RateLimit
 from service.metrics import Metrics
 from service.ranker import Ranker
+from service.rollout import ModelHolder, Rollout
 from service.runtime import ModelRuntime
 from service.settings import Settings
 from service.stores.base import Store
@@ -23,9 +26,22 @@ class Services:
 
     settings: Settings
     metrics: Metrics
-    runtime: ModelRuntime
+    model: ModelHolder
     store: Store
-    ranker: Ranker
+    rollout: Rollout
+    activity: ActivityTracker
+    explain_nets: EagerNets
+    explain_limit: RateLimit
+
+    @property
+    def runtime(self) -> ModelRuntime:
+        """The version served now; a request that needs the runtime and the ranker of one
+        version reads ``model.current`` once instead."""
+        return self.model.current.runtime
+
+    @property
+    def ranker(self) -> Ranker:
+        return self.model.current.ranker
 
 
 def get_services(request: Request) -> Services:

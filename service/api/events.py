@@ -79,6 +79,7 @@ async def post_events(
     except TimeoutError:
         # Maybe written, maybe not: not acknowledged, so the client retries (ids make it safe).
         raise StoreError(f"no answer from the store within {budget:.3f} s") from None
+    services.activity.touch(e.user_id for e in body.events)
     ingested = services.metrics.events_ingested
     ingested.labels(outcome="accepted").inc(result.accepted)
     ingested.labels(outcome="duplicate").inc(result.duplicates)

@@ -43,6 +43,7 @@ async def rank(body: RankRequest, request: Request, services: ServicesDep) -> Re
             f"List should have at most {limit} items (max_candidates), not {count}",
             "too_long",
         )
+    services.activity.touch((body.user_id,))
     received_at = request.scope.get(START_TIME_KEY)
     budget = remaining_budget(services.settings.request_budget_seconds, received_at)
     try:

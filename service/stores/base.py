@@ -109,6 +109,11 @@ class BehaviourLog(Protocol):
         timestamp, with their positions; ``end`` is the log length."""
         ...
 
+    async def event_ids(self, user_id: int, start: int, stop: int) -> dict[int, str]:
+        """Log position -> event id of the events at positions [start, stop) whose ids are still
+        remembered (the last ``dedup_window`` events'): for /explain, not for the hot path."""
+        ...
+
     async def put_profile(self, user_id: int, attributes: Mapping[str, int]) -> None: ...
 
     async def seed(self, histories: SeedHistories) -> int:
@@ -140,7 +145,27 @@ class StateCache(Protocol):
         ...
 
 
-class Store(BehaviourLog, StateCache, Protocol):
+class RolloutRecords(Protocol):
+    """What a model rollout needs from the store: who is active (whose states to warm for a new
+    encoder) and the removal of the states of encoders no longer served."""
+
+    async def record_activity(self, seen: Mapping[int, float], keep: int) -> None:
+        """Note users' latest activity (unix seconds); the store keeps the ``keep`` most recent
+        users (and at most as many more), so the record stays bounded."""
+        ...
+
+    async def active_users(self, count: int) -> list[int]:
+        """Up to ``count`` users, most recently active first."""
+        ...
+
+    async def delete_states(self, keep_version: str, batch: int, pause_seconds: float) -> int:
+        """Delete every cached state of a version other than ``keep_version``, ``batch`` keys
+        at a time with a pause between batches; returns the states deleted. Once per
+        ``keep_version`` however many workers ask (they all do after a rollout)."""
+        ...
+
+
+class Store(BehaviourLog, StateCache, RolloutRecords, Protocol):
     async def snapshot(self, version: str, user_id: int, ttl_seconds: int) -> UserSnapshot:
         """The cached state, profile and log bounds of a user. The state's TTL is refreshed once
         less than half of it is left (so that reads do not write)."""

@@ -44,6 +44,10 @@ class InstrumentedStore:
         async with self._measured("read_events"):
             return await self.inner.read_events(user_id, cursor, stop)
 
+    async def event_ids(self, user_id: int, start: int, stop: int) -> dict[int, str]:
+        async with self._measured("event_ids"):
+            return await self.inner.event_ids(user_id, start, stop)
+
     async def put_profile(self, user_id: int, attributes: Mapping[str, int]) -> None:
         async with self._measured("put_profile"):
             await self.inner.put_profile(user_id, attributes)
@@ -67,6 +71,18 @@ class InstrumentedStore:
     ) -> bool:
         async with self._measured("put_state"):
             return await self.inner.put_state(version, user_id, blob, cursor, ttl_seconds, replace)
+
+    async def record_activity(self, seen: Mapping[int, float], keep: int) -> None:
+        async with self._measured("record_activity"):
+            await self.inner.record_activity(seen, keep)
+
+    async def active_users(self, count: int) -> list[int]:
+        async with self._measured("active_users"):
+            return await self.inner.active_users(count)
+
+    async def delete_states(self, keep_version: str, batch: int, pause_seconds: float) -> int:
+        async with self._measured("delete_states"):
+            return await self.inner.delete_states(keep_version, batch, pause_seconds)
 
     async def snapshot(self, version: str, user_id: int, ttl_seconds: int) -> UserSnapshot:
         async with self._measured("snapshot"):

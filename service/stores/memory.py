@@ -45,6 +45,8 @@ class MemoryStore:
         self._profiles: dict[int, dict[str, int]] = {}
         self._states: dict[tuple[str, int], _CachedState] = {}
         self._puts = 0
+        self._activity: dict[int, float] = {}
+        """User -> latest activity (unix seconds), about the most recent ``keep`` users."""
 
     # -- behaviour log ----------------------------------------------------------------------
 
@@ -87,6 +89,12 @@ class MemoryStore:
         first, last = max(cursor, start), end if stop is None else max(min(stop, end), 0)
         data = bytes(log[(first - start) * RECORD_BYTES : max(last - start, 0) * RECORD_BYTES])
         return unpack_log(data, end=end, start=first)
+
+    async def event_ids(self, user_id: int, start: int, stop: int) -> dict[int, str]:
+        seen = self._event_ids.get(user_id, {})
+        return {
+            position: event_id for event_id, position in seen.items() if start <= position < stop
+        }
 
     async def put_profile(self, user_id: int, attributes: Mapping[str, int]) -> None:
         self._profiles.setdefault(user_id, {}).update({k: int(v) for k, v in attributes.items()})
@@ -143,6 +151,25 @@ class MemoryStore:
             log_length=self._end(user_id),
             log_start=self._starts.get(user_id, 0),
         )
+
+    # -- rollout records --------------------------------------------------------------------
+
+    async def record_activity(self, seen: Mapping[int, float], keep: int) -> None:
+        self._activity.update(seen)
+        if len(self._activity) > 2 * keep:  # trimmed now and then, not on every call
+            recent = sorted(self._activity.items(), key=lambda item: -item[1])[:keep]
+            self._activity = dict(recent)
+
+    async def active_users(self, count: int) -> list[int]:
+        recent = sorted(self._activity.items(), key=lambda item: -item[1])[:count]
+        return [user_id for user_id, _ in recent]
+
+    async def delete_states(self, keep_version: str, batch: int, pause_seconds: float) -> int:
+        # One process, no awaits: nothing can interleave, so no batches are needed.
+        stale = [key for key in self._states if key[0] != keep_version]
+        for key in stale:
+            del self._states[key]
+        return len(stale)
 
     def _sweep(self, now: float) -> None:
         expired = [key for key, cached in self._states.items() if cached.expires_at <= now]

@@ -14,6 +14,10 @@ script's KEYS are one user's):
 * ``<prefix>:{u:<id>}:profile`` — hash of profile attributes;
 * ``<prefix>:{u:<id>}:state:<version>`` — hash {c: cursor, s: state blob} with a TTL.
 
+Two keys are not a user's: ``<prefix>:active`` (sorted set, user -> latest activity, the users a
+rollout warms; bounded, written once a second per worker) and ``<prefix>:rollout:cleaned:<state
+version>`` (the lock that lets one worker delete the older states after a rollout).
+
 Bounded storage: once a log holds ``limits.trim_at`` (2 · max_history) records, the append that
 crossed it drops the oldest, down to the last ``limits.keep`` (the state's window and half a
 window of slack for fold-outs, :class:`~service.stores.base.HistoryLimits`), so a user costs at
@@ -26,6 +30,7 @@ writes are compare-and-sets.
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -132,6 +137,10 @@ return {blob, redis.call('HGETALL', KEYS[2]), redis.call('STRLEN', KEYS[3]),
 _SCAN_BATCH = 1000
 """Keys one SCAN call examines (its COUNT hint)."""
 
+_CLEANUP_LOCK_SECONDS = 600
+"""How long one worker's cleanup after a rollout stands for all (every worker asks for it within
+its poll interval and warm-up of the same rollout)."""
+
 _SEED_CHUNK_USERS = 512
 """Users per seeding pipeline: large enough to amortise round trips, small enough to stream."""
 
@@ -235,6 +244,18 @@ class RedisStore:
         except CLIENT_ERRORS as error:
             raise StoreError(f"redis log read failed: {error}") from error
         return unpack_log(bytes(data), end=int(end), start=int(first))
+
+    async def event_ids(self, user_id: int, start: int, stop: int) -> dict[int, str]:
+        if stop <= start:
+            return {}
+        try:
+            pairs = await self._client.zrangebyscore(
+                self._key(user_id, "eids"), start, stop - 1, withscores=True
+            )
+        except CLIENT_ERRORS as error:
+            raise StoreError(f"redis event id read failed: {error}") from error
+        found: list[Any] = list(pairs)  # (member bytes, score float) pairs
+        return {int(score): bytes(member).decode() for member, score in found}
 
     async def put_profile(self, user_id: int, attributes: Mapping[str, int]) -> None:
         if not attributes:
@@ -340,6 +361,66 @@ class RedisStore:
             log_length=int(start) + int(length) // RECORD_BYTES,
             log_start=int(start),
         )
+
+    # -- rollout records --------------------------------------------------------------------
+
+    async def record_activity(self, seen: Mapping[int, float], keep: int) -> None:
+        """One sorted set ``<prefix>:active`` (user -> latest activity), trimmed to the ``keep``
+        most recent: one key, so one slot on a cluster; each worker writes it once per flush
+        (about a second), not once per request."""
+        if not seen:
+            return
+        key = f"{self.prefix}:active"
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.zadd(key, {str(user_id): float(when) for user_id, when in seen.items()})
+                pipe.zremrangebyrank(key, 0, -(keep + 1))
+                await pipe.execute()
+        except CLIENT_ERRORS as error:
+            raise StoreError(f"redis activity write failed: {error}") from error
+
+    async def active_users(self, count: int) -> list[int]:
+        try:
+            members: list[Any] = await self._client.zrevrange(f"{self.prefix}:active", 0, count - 1)
+        except CLIENT_ERRORS as error:
+            raise StoreError(f"redis activity read failed: {error}") from error
+        return [int(member) for member in members]
+
+    async def delete_states(self, keep_version: str, batch: int, pause_seconds: float) -> int:
+        """SCAN for state keys (on a cluster, every master in turn) and UNLINK those of other
+        versions, ``batch`` keys examined per call with a pause between calls, so the scan never
+        holds a node for long. A lock key per ``keep_version`` (SET NX, expiring after
+        :data:`_CLEANUP_LOCK_SECONDS`) lets the first worker that asks do it and the others skip;
+        a rollout back to the same version within that time leaves the states for their TTL."""
+        lock = f"{self.prefix}:rollout:cleaned:{keep_version}"
+        pattern = f"{_glob_escape(self.prefix)}:{{u:*}}:state:*"
+        keep_suffix = f":state:{keep_version}".encode()
+        deleted = 0
+        try:
+            if not await self._client.set(lock, "1", nx=True, ex=_CLEANUP_LOCK_SECONDS):
+                return 0
+            stale: list[bytes] = []
+            async for key in self._client.scan_iter(match=pattern, count=batch):
+                if not key.endswith(keep_suffix):
+                    stale.append(key)
+                if len(stale) >= batch:
+                    deleted += await self._unlink(stale)
+                    stale = []
+                    await asyncio.sleep(pause_seconds)
+            deleted += await self._unlink(stale)
+        except CLIENT_ERRORS as error:
+            raise StoreError(f"redis state cleanup failed: {error}") from error
+        return deleted
+
+    async def _unlink(self, keys: Sequence[bytes]) -> int:
+        """UNLINK each key (one command per key: on a cluster they lie in many slots)."""
+        if not keys:
+            return 0
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                # The raw command: the cluster pipeline's unlink() is a coroutine, not a queuing.
+                pipe.execute_command("UNLINK", key)
+            return sum(int(n) for n in await pipe.execute())
 
     # -- lifecycle --------------------------------------------------------------------------
 
