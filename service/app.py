@@ -18,11 +18,12 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from service.admission import AdmissionMiddleware
-from service.api import events, health, info, rank
+from service.api import events, health, info, items, rank
 from service.api.deps import Services
 from service.api.docs import install_docs
 from service.arrivals import ArrivalLogMiddleware
 from service.errors import install_error_handlers
+from service.items import LiveCatalogue
 from service.loop_lag import watch_loop_lag
 from service.metrics import Metrics, retire_worker
 from service.middleware import HttpMetricsMiddleware
@@ -100,7 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.arrival_log is not None:
         app.add_middleware(ArrivalLogMiddleware, directory=settings.arrival_log)
     install_error_handlers(app, metrics, settings.retry_after_seconds)
-    for module in (rank, events, health, info):
+    for module in (rank, events, items, health, info):
         app.include_router(module.router)
     install_docs(app)
     _document_runtime_limits(app, settings)
@@ -158,14 +159,23 @@ async def start(settings: Settings, metrics: Metrics) -> Services:
         executor.shutdown(wait=False)
         raise
     metrics.model_info.labels(version=runtime.version).set(1)
+    store_budget_seconds = settings.request_budget_seconds * settings.state_fetch_share
     ranker = Ranker(
         runtime,
         store,
         metrics,
         settings.state_ttl_seconds,
+        items=LiveCatalogue(
+            runtime.catalogue,
+            store,
+            metrics,
+            ttl_seconds=settings.item_cache_ttl_seconds,
+            capacity=settings.item_cache_size,
+            lookup_budget_seconds=store_budget_seconds,
+        ),
         state_cache=settings.state_cache,
         max_history=max_history,
-        state_budget_seconds=settings.request_budget_seconds * settings.state_fetch_share,
+        state_budget_seconds=store_budget_seconds,
         local_states=settings.local_states,
     )
     logger.info(
@@ -236,6 +246,10 @@ def _document_runtime_limits(app: FastAPI, settings: Settings) -> None:
         if "EventsRequest" in components:
             components["EventsRequest"]["properties"]["events"]["maxItems"] = (
                 settings.max_events_per_post
+            )
+        if "ItemsRequest" in components:
+            components["ItemsRequest"]["properties"]["items"]["maxItems"] = (
+                settings.max_items_per_put
             )
         services = app.state.services
         if isinstance(services, Services) and "EventIn" in components:

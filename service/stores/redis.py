@@ -14,6 +14,12 @@ script's KEYS are one user's):
 * ``<prefix>:{u:<id>}:profile`` — hash of profile attributes;
 * ``<prefix>:{u:<id>}:state:<version>`` — hash {c: cursor, s: state blob} with a TTL.
 
+Items are not a user's: the item table is :data:`ITEM_SHARDS` hashes
+``<prefix>:{i:<shard>}:items`` (shard = id mod ITEM_SHARDS), field = the decimal item id, value =
+its attributes as a JSON object. A bulk lookup is one HMGET per shard it touches, all in one
+pipeline: one round trip on a single node, one per node (in parallel) on a cluster, where the
+shards' hash tags spread them over the masters.
+
 Bounded storage: once a log holds ``limits.trim_at`` (2 · max_history) records, the append that
 crossed it drops the oldest, down to the last ``limits.keep`` (the state's window and half a
 window of slack for fold-outs, :class:`~service.stores.base.HistoryLimits`), so a user costs at
@@ -30,6 +36,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
@@ -37,6 +44,7 @@ from redis.exceptions import NoScriptError
 from service.stores.base import (
     AppendResult,
     HistoryLimits,
+    ItemAttributes,
     NewEvent,
     SeedHistories,
     StoreError,
@@ -134,6 +142,11 @@ _SCAN_BATCH = 1000
 
 _SEED_CHUNK_USERS = 512
 """Users per seeding pipeline: large enough to amortise round trips, small enough to stream."""
+
+ITEM_SHARDS = 16
+"""Hashes the item table is spread over. Part of the key layout (changing it strands the items
+stored): enough to spread a large catalogue over a cluster's masters (a key migrates whole when
+a slot moves), few enough that a lookup of 1000 ids is 16 commands, not 1000."""
 
 
 class RedisStore:
@@ -303,6 +316,45 @@ class RedisStore:
         except CLIENT_ERRORS as error:
             raise StoreError(f"redis count_users failed: {error}") from error
 
+    # -- item table -------------------------------------------------------------------------
+
+    def _item_key(self, shard: int) -> str:
+        return f"{self.prefix}:{{i:{shard}}}:items"
+
+    async def put_items(self, items: Mapping[int, Mapping[str, int]]) -> None:
+        by_shard: dict[int, dict[Any, Any]] = defaultdict(dict)
+        for item_id, attributes in items.items():
+            by_shard[item_id % ITEM_SHARDS][str(item_id)] = orjson.dumps(_hash_fields(attributes))
+        if not by_shard:
+            return
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for shard, fields in by_shard.items():
+                    pipe.hset(self._item_key(shard), mapping=fields)
+                await pipe.execute()
+        except CLIENT_ERRORS as error:
+            raise StoreError(f"redis item write failed: {error}") from error
+
+    async def get_items(self, item_ids: Sequence[int]) -> list[ItemAttributes | None]:
+        by_shard: dict[int, list[int]] = defaultdict(list)
+        for position, item_id in enumerate(item_ids):
+            by_shard[item_id % ITEM_SHARDS].append(position)
+        found: list[ItemAttributes | None] = [None] * len(item_ids)
+        if not by_shard:
+            return found
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for shard, positions in by_shard.items():
+                    pipe.hmget(self._item_key(shard), [str(item_ids[p]) for p in positions])
+                answers = await pipe.execute()
+        except CLIENT_ERRORS as error:
+            raise StoreError(f"redis item read failed: {error}") from error
+        for positions, values in zip(by_shard.values(), answers, strict=True):
+            for position, value in zip(positions, values, strict=True):
+                if value is not None:
+                    found[position] = _decode_item(value)
+        return found
+
     # -- state cache ------------------------------------------------------------------------
 
     async def put_state(
@@ -368,6 +420,20 @@ def _glob_escape(text: str) -> str:
 def _hash_fields(attributes: Mapping[str, int]) -> dict[Any, Any]:
     """Profile attributes as HSET fields (redis-py's mapping type is invariant in its keys)."""
     return {str(name): int(value) for name, value in attributes.items()}
+
+
+def _decode_item(value: bytes) -> ItemAttributes | None:
+    """Stored attributes, or None (as if absent) for a value this store did not write: one bad
+    entry must not fail every request that names the item."""
+    try:
+        attributes = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(attributes, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in attributes.values()
+    ):
+        return None
+    return attributes
 
 
 def _decode_profile(raw: dict[Any, Any]) -> dict[str, int]:
