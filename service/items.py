@@ -62,7 +62,7 @@ class ItemReport:
 @dataclass
 class _Entry:
     until: float
-    row: np.ndarray  # (F_item,) int64
+    row: list[int]  # (F_item,): a list gathers into an array faster than small arrays do
     known: bool
 
 
@@ -92,7 +92,8 @@ class LiveCatalogue:
         )
         self._oov_row = np.full(len(self.spec.item_fields), OOV_INDEX, dtype=np.int64)
         self._base_ids = np.asarray(base.item_ids)  # (K,) ascending
-        self._rows = base.rows(self._base_ids)[0].copy()  # (K, F_item): each base id's row now
+        self._base_rows = base.rows(self._base_ids)[0]  # (K, F_item): the model's rows
+        self._rows = self._base_rows.copy()  # (K, F_item): each base id's row now
         self._until = np.zeros(len(self._base_ids))  # (K,) clock time the row holds until
         self._others: dict[int, _Entry] = {}
         self._degraded_logged_at = -DEGRADED_LOG_INTERVAL_SECONDS
@@ -118,14 +119,18 @@ class LiveCatalogue:
             )
         return rows, reports
 
-    def _attribute_rows(self, items: Mapping[int, Mapping[str, int]]) -> np.ndarray:
+    def _attribute_rows(
+        self, items: Mapping[int, Mapping[str, int]], in_base: np.ndarray | None = None
+    ) -> np.ndarray:
         """(n, F_item) rows of items given by raw attributes; a missing one is OOV, and so is
         the id of an item outside the model's catalogue: the model never learnt its id's
         embedding (a hashed id would borrow the row of whichever trained items share its
-        bucket), while its attributes' embeddings are trained."""
+        bucket), while its attributes' embeddings are trained. ``in_base``: (n,) whether each
+        id is in the base catalogue, when the caller knows."""
         n = len(items)
         ids = np.fromiter(items.keys(), dtype=np.int64, count=n)
-        _, in_base = self._base_positions(ids)
+        if in_base is None:
+            _, in_base = self._base_positions(ids)
         columns = {ID_COLUMN: np.where(in_base, ids, MISSING_VALUE)} | {
             name: np.fromiter((a.get(name, MISSING_VALUE) for a in items.values()), np.int64, n)
             for name in self.attribute_names
@@ -157,20 +162,29 @@ class LiveCatalogue:
             fresh = np.zeros(ids.size, dtype=bool)
         known = in_base.copy()
         hits = int(np.count_nonzero(fresh))
+        due = ~fresh & in_base  # base ids due for a check
+        outside = np.flatnonzero(~in_base)
+        if outside.size:
+            # Ids outside the base, one at a time (a dictionary lookup each).
+            cached, cached_rows, cached_known, expired = [], [], [], []
+            for i, item_id in zip(outside.tolist(), ids[outside].tolist(), strict=True):
+                entry = self._others.get(item_id)
+                if entry is None:
+                    expired.append(i)
+                    continue
+                cached.append(i)
+                cached_rows.append(entry.row)
+                cached_known.append(entry.known)
+                if entry.until > now:
+                    hits += 1
+                else:
+                    expired.append(i)
+            if cached:
+                rows[cached] = np.array(cached_rows, dtype=np.int64)
+                known[cached] = cached_known
+            due[expired] = True
         if hits < ids.size:
-            # The rest, one id at a time: ids outside the base, and base ids due for a check.
-            due = []
-            rest = np.flatnonzero(~fresh)
-            for i, item_id in zip(rest.tolist(), ids[rest].tolist(), strict=True):
-                entry = None if in_base[i] else self._others.get(item_id)
-                if entry is not None:
-                    rows[i], known[i] = entry.row, entry.known
-                    if entry.until > now:
-                        hits += 1
-                        continue
-                due.append(i)
-            if due:
-                await self._refresh(ids, np.asarray(due, dtype=np.int64), rows, known, now)
+            await self._refresh(ids, np.flatnonzero(due), position, in_base, rows, known, now)
         self.metrics.item_cache.labels(outcome="hit").inc(hits)
         attributes = rows[:, self._attribute_columns]
         oov_attribute = known & (attributes == OOV_INDEX).any(axis=1)
@@ -184,11 +198,20 @@ class LiveCatalogue:
         return replace(log, item_rows=(await self.rows(log.item_ids)).rows)
 
     async def _refresh(
-        self, ids: np.ndarray, due: np.ndarray, rows: np.ndarray, known: np.ndarray, now: float
+        self,
+        ids: np.ndarray,
+        due: np.ndarray,
+        position: np.ndarray,
+        in_base: np.ndarray,
+        rows: np.ndarray,
+        known: np.ndarray,
+        now: float,
     ) -> None:
         """Fetch ``ids[due]`` from the store and write them into ``rows``/``known`` and the
-        cache; on failure leave ``rows``/``known`` as the cache had them."""
-        unique, inverse = np.unique(ids[due], return_inverse=True)
+        cache; on failure leave ``rows``/``known`` as the cache had them. ``position`` and
+        ``in_base`` locate ``ids`` in the base arrays."""
+        unique, first, inverse = np.unique(ids[due], return_index=True, return_inverse=True)
+        located = position[due][first], in_base[due][first]
         try:
             async with asyncio.timeout(self.lookup_budget_seconds):
                 found = await self.table.get_items(unique.tolist())
@@ -205,14 +228,20 @@ class LiveCatalogue:
             if attributes is not None
         }
         # Not in the table: the base row, or OOV for an id the base does not hold either.
-        fetched_rows, fetched_known = self.base.rows(unique)
+        base_position, base = located
+        if len(self._base_ids):
+            fetched_rows = np.where(base[:, None], self._base_rows[base_position], self._oov_row)
+        else:
+            fetched_rows = np.tile(self._oov_row, (unique.size, 1))
+        fetched_known = base.copy()
         if stored:
-            overridden = np.isin(unique, np.fromiter(stored, np.int64, len(stored)))
-            fetched_rows[overridden] = self._attribute_rows(stored)
+            overridden = np.fromiter((a is not None for a in found), dtype=bool, count=len(found))
+            fetched_rows[overridden] = self._attribute_rows(stored, base[overridden])
             fetched_known[overridden] = True
         rows[due], known[due] = fetched_rows[inverse], fetched_known[inverse]
         # A write (PUT /items) since this fetch started is newer than what it read: keep it.
-        self._remember(unique, fetched_rows, fetched_known, now + self.ttl_seconds, newer=True)
+        until = now + self.ttl_seconds
+        self._remember(unique, fetched_rows, fetched_known, until, newer=True, located=located)
 
     def _remember(
         self,
@@ -221,10 +250,12 @@ class LiveCatalogue:
         known: np.ndarray,
         until: float,
         newer: bool = False,
+        located: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """Cache ``rows`` of unique ``ids`` until ``until``; with ``newer``, only entries that do
-        not already hold as long (a concurrent write got there first)."""
-        position, in_base = self._base_positions(ids)
+        not already hold as long (a concurrent write got there first). ``located``: the ids'
+        (positions, in_base) in the base arrays, when the caller has them."""
+        position, in_base = located if located is not None else self._base_positions(ids)
         if in_base.any():
             base_positions, base_rows = position[in_base], rows[in_base]
             if newer:
@@ -234,7 +265,7 @@ class LiveCatalogue:
             self._until[base_positions] = until
         others = self._others
         for item_id, row, is_known in zip(
-            ids[~in_base].tolist(), rows[~in_base], known[~in_base].tolist(), strict=True
+            ids[~in_base].tolist(), rows[~in_base].tolist(), known[~in_base].tolist(), strict=True
         ):
             current = others.pop(item_id, None)
             if newer and current is not None and current.until >= until:

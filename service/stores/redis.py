@@ -16,9 +16,9 @@ script's KEYS are one user's):
 
 Items are not a user's: the item table is :data:`ITEM_SHARDS` hashes
 ``<prefix>:{i:<shard>}:items`` (shard = id mod ITEM_SHARDS), field = the decimal item id, value =
-its attributes as a JSON object. A bulk lookup is one HMGET per shard it touches, all in one
-pipeline: one round trip on a single node, one per node (in parallel) on a cluster, where the
-shards' hash tags spread them over the masters.
+its attributes as a JSON object. A bulk lookup is one script call (HMGETs) over the shards it
+touches on a single node, and on a cluster, where the shards' hash tags spread them over the
+masters, one call per shard in one pipeline: a round trip per node, in parallel.
 
 Bounded storage: once a log holds ``limits.trim_at`` (2 · max_history) records, the append that
 crossed it drops the oldest, down to the last ``limits.keep`` (the state's window and half a
@@ -34,8 +34,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from itertools import pairwise
 from typing import Any
 
+import numpy as np
 import orjson
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
@@ -137,6 +139,27 @@ return {blob, redis.call('HGETALL', KEYS[2]), redis.call('STRLEN', KEYS[3]),
         tonumber(redis.call('HGET', KEYS[4], 'start') or '0')}
 """
 
+# KEYS: shards of the item table. ARGV: per shard, its item ids space-separated. Returns each id's
+# value (nil when absent), shard after shard. One argument per shard rather than one per id: the
+# client packs a command's arguments one by one in Python, which for 1000 ids costs more than the
+# round trip itself. HMGET takes the ids 1000 at a time (Lua's unpack has a stack limit).
+_ITEMS_SCRIPT = """
+local found = {}
+for k = 1, #KEYS do
+  local ids = {}
+  for id in string.gmatch(ARGV[k], '%d+') do
+    ids[#ids + 1] = id
+  end
+  for first = 1, #ids, 1000 do
+    local values = redis.call('HMGET', KEYS[k], unpack(ids, first, math.min(first + 999, #ids)))
+    for i = 1, #values do
+      found[#found + 1] = values[i]
+    end
+  end
+end
+return found
+"""
+
 _SCAN_BATCH = 1000
 """Keys one SCAN call examines (its COUNT hint)."""
 
@@ -172,6 +195,7 @@ class RedisStore:
         self._read = self._client.register_script(_READ_SCRIPT)
         self._put_state = self._client.register_script(_PUT_STATE_SCRIPT)
         self._snapshot = self._client.register_script(_SNAPSHOT_SCRIPT)
+        self._get_items = self._client.register_script(_ITEMS_SCRIPT)
 
     def _key(self, user_id: int, part: str) -> str:
         return f"{self.prefix}:{{u:{user_id}}}:{part}"
@@ -336,23 +360,38 @@ class RedisStore:
             raise StoreError(f"redis item write failed: {error}") from error
 
     async def get_items(self, item_ids: Sequence[int]) -> list[ItemAttributes | None]:
-        by_shard: dict[int, list[int]] = defaultdict(list)
-        for position, item_id in enumerate(item_ids):
-            by_shard[item_id % ITEM_SHARDS].append(position)
-        found: list[ItemAttributes | None] = [None] * len(item_ids)
-        if not by_shard:
+        ids = np.asarray(item_ids, dtype=np.int64)
+        found: list[ItemAttributes | None] = [None] * len(ids)
+        if not len(ids):
             return found
+        # Positions grouped by shard (vectorised: this runs for every candidate set).
+        shards = ids % ITEM_SHARDS
+        order = np.argsort(shards, kind="stable")
+        bounds = np.searchsorted(shards[order], np.arange(ITEM_SHARDS + 1))
+        calls: list[tuple[list[str], list[bytes | str | int]]] = [
+            ([self._item_key(shard)], [" ".join(map(str, ids[order[start:stop]].tolist()))])
+            for shard, (start, stop) in enumerate(pairwise(bounds.tolist()))
+            if start < stop
+        ]
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for shard, positions in by_shard.items():
-                    pipe.hmget(self._item_key(shard), [str(item_ids[p]) for p in positions])
-                answers = await pipe.execute()
+            if isinstance(self._client, RedisCluster):
+                # A script's keys must share a slot: one call per shard, pipelined per node.
+                answers = await self._evalsha_pipelined(self._get_items, calls)
+            else:
+                # One node: one call for every shard (each pipelined command costs the client
+                # tens of microseconds, the most of a small lookup).
+                answers = [
+                    await self._get_items(
+                        keys=[key for keys, _ in calls for key in keys],
+                        args=[arg for _, args in calls for arg in args],
+                    )
+                ]
         except CLIENT_ERRORS as error:
             raise StoreError(f"redis item read failed: {error}") from error
-        for positions, values in zip(by_shard.values(), answers, strict=True):
-            for position, value in zip(positions, values, strict=True):
-                if value is not None:
-                    found[position] = _decode_item(value)
+        values = [value for answer in answers for value in answer]  # in the order of `order`
+        for position, value in zip(order.tolist(), values, strict=True):
+            if value is not None:
+                found[position] = _decode_item(value)
         return found
 
     # -- state cache ------------------------------------------------------------------------
