@@ -29,8 +29,8 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -157,32 +157,41 @@ def body(user: int, candidates: np.ndarray, k: int = 50) -> dict[str, Any]:
 # -- in-process -------------------------------------------------------------------------------
 
 
-async def in_process(
-    settings: Settings, item_ids: np.ndarray, hits: int, misses: int, seed: int
-) -> dict[str, Any]:
+@asynccontextmanager
+async def recorded_app(
+    settings: Settings,
+) -> AsyncIterator[tuple[Any, Recorder, httpx.AsyncClient]]:
+    """The app with its lifespan running, a recorder of its per-request timings and a client
+    that calls it in-process."""
     app = create_app(settings)
     recorder = Recorder()
     app.state.metrics.add_listener(recorder)
-    rng = np.random.default_rng(seed)
-    results: dict[str, Any] = {}
     async with app.router.lifespan_context(app):
-        store = app.state.services.store
-        miss_users = [1_000_000 + seed * 100_000 + i for i in range(misses * len(SIZES))]
-        await store.seed(histories([7, *miss_users], item_ids, seed))
         transport = httpx.ASGITransport(app=LoopCpuTimer(app, recorder))
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
-            for m in SIZES:
-                candidates = [rng.choice(item_ids, m, replace=False) for _ in range(8)]
-                await client.post("/rank", json=body(7, candidates[0]))  # cache the state
-                for cache, users in (("hit", [7] * hits), ("miss", miss_users[:misses])):
-                    if cache == "miss":
-                        miss_users = miss_users[misses:]
-                    recorder.requests.clear()
-                    for i, user in enumerate(users):
-                        response = await client.post("/rank", json=body(user, candidates[i % 8]))
-                        assert response.status_code == 200, response.text
-                        assert response.json()["state_cache"] == cache
-                    results[f"{cache}/{m}"] = summarise(recorder.requests)
+            yield app, recorder, client
+
+
+async def in_process(
+    settings: Settings, item_ids: np.ndarray, hits: int, misses: int, seed: int
+) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    results: dict[str, Any] = {}
+    async with recorded_app(settings) as (app, recorder, client):
+        miss_users = [1_000_000 + seed * 100_000 + i for i in range(misses * len(SIZES))]
+        await app.state.services.store.seed(histories([7, *miss_users], item_ids, seed))
+        for m in SIZES:
+            candidates = [rng.choice(item_ids, m, replace=False) for _ in range(8)]
+            await client.post("/rank", json=body(7, candidates[0]))  # cache the state
+            for cache, users in (("hit", [7] * hits), ("miss", miss_users[:misses])):
+                if cache == "miss":
+                    miss_users = miss_users[misses:]
+                recorder.requests.clear()
+                for i, user in enumerate(users):
+                    response = await client.post("/rank", json=body(user, candidates[i % 8]))
+                    assert response.status_code == 200, response.text
+                    assert response.json()["state_cache"] == cache
+                results[f"{cache}/{m}"] = summarise(recorder.requests)
     return results
 
 
@@ -208,12 +217,9 @@ async def item_lookups(
     candidates outside the worker's item cache: those are ids never looked up before (catalogue
     items, some overridden, and new items of the table), so each request fetches them."""
     m = 1000
-    app = create_app(settings)
-    recorder = Recorder()
-    app.state.metrics.add_listener(recorder)
     rng = np.random.default_rng(seed)
     results: dict[str, Any] = {}
-    async with app.router.lifespan_context(app):
+    async with recorded_app(settings) as (app, recorder, client):
         store = app.state.services.store
         new_ids = np.arange(10**12, 10**12 + TABLE_ITEMS)
         overridden = rng.choice(item_ids, TABLE_ITEMS, replace=False)
@@ -230,35 +236,33 @@ async def item_lookups(
             raise ValueError(f"{requests} requests per share need {needed} unseen ids")
         # The user's history is over the warm ids: encoding it must not cache a cold one.
         await store.seed(histories([7], warm, seed))
-        transport = httpx.ASGITransport(app=LoopCpuTimer(app, recorder))
-        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
-            for chunk in np.array_split(warm, WARM_ITEMS // m):  # the state and the warm ids
-                assert (await client.post("/rank", json=body(7, chunk))).status_code == 200
-            registry = app.state.metrics.registry
+        for chunk in np.array_split(warm, WARM_ITEMS // m):  # the state and the warm ids
+            assert (await client.post("/rank", json=body(7, chunk))).status_code == 200
+        registry = app.state.metrics.registry
 
-            def fetched() -> float:
-                return registry.get_sample_value("ifa_item_cache_total", {"outcome": "miss"}) or 0
+        def fetched() -> float:
+            return registry.get_sample_value("ifa_item_cache_total", {"outcome": "miss"}) or 0
 
-            for share in OUTSIDE_CACHE_SHARES:
-                outside = round(m * share)
-                recorder.requests.clear()
-                fetched_before = fetched()
-                for _ in range(requests):
-                    unseen, cold = cold[:outside], cold[outside:]
-                    cached = rng.choice(warm, m - outside, replace=False)
-                    candidates = rng.permutation(np.concatenate([cached, unseen]))
-                    response = await client.post("/rank", json=body(7, candidates))
-                    assert response.status_code == 200, response.text
-                    assert response.json()["state_cache"] == "hit"
-                # Exactly the unseen ids went to the table: the scenario is the one named.
-                assert fetched() - fetched_before == requests * outside
-                requests_seen = recorder.requests
-                results[f"{share:.0%}"] = {
-                    "outside_cache": outside,
-                    "featurize": percentiles([r["featurize"] for r in requests_seen]),
-                    "server": percentiles([r["request"] for r in requests_seen]),
-                    "serving_cpu": percentiles([r["request_cpu"] for r in requests_seen]),
-                }
+        for share in OUTSIDE_CACHE_SHARES:
+            outside = round(m * share)
+            recorder.requests.clear()
+            fetched_before = fetched()
+            for _ in range(requests):
+                unseen, cold = cold[:outside], cold[outside:]
+                cached = rng.choice(warm, m - outside, replace=False)
+                candidates = rng.permutation(np.concatenate([cached, unseen]))
+                response = await client.post("/rank", json=body(7, candidates))
+                assert response.status_code == 200, response.text
+                assert response.json()["state_cache"] == "hit"
+            # Exactly the unseen ids went to the table: the scenario is the one named.
+            assert fetched() - fetched_before == requests * outside
+            requests_seen = recorder.requests
+            results[f"{share:.0%}"] = {
+                "outside_cache": outside,
+                "featurize": percentiles([r["featurize"] for r in requests_seen]),
+                "server": percentiles([r["request"] for r in requests_seen]),
+                "serving_cpu": percentiles([r["request_cpu"] for r in requests_seen]),
+            }
     return results
 
 

@@ -97,8 +97,13 @@ def test_grafana_provisioning_matches_the_dashboard() -> None:
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     titles = " ".join(p["title"].lower() for p in panels)
     for topic in ("latency", "requests/s", "error ratio", "stage", "cache hit", "candidates",
-                  "events ingested", "in-flight"):  # fmt: skip
+                  "events ingested", "in-flight", "item cache"):  # fmt: skip
         assert topic in titles, f"no panel about {topic}"
+    # Unknown candidates split by reason, each series a share of all candidates.
+    (unknown,) = [p for p in panels if "unknown candidate" in p["title"].lower()]
+    (target,) = unknown["targets"]
+    assert "sum by (reason) (rate(ifa_unknown_items_total" in target["expr"]
+    assert "ifa_candidates_total" in target["expr"] and target["legendFormat"] == "{{reason}}"
 
 
 # -- Kubernetes -------------------------------------------------------------------------------

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Request
 
 from service.api.deps import ServicesDep, TokenDep
-from service.errors import validation_error, validation_errors
-from service.middleware import START_TIME_KEY, remaining_budget
+from service.api.writes import check_batch_size, within_budget
+from service.errors import validation_errors
 from service.schemas import (
     AUTH_RESPONSES,
     STORE_RESPONSES,
@@ -17,7 +15,7 @@ from service.schemas import (
     ItemsRequest,
     ItemsResponse,
 )
-from service.stores.base import ItemAttributes, StoreError
+from service.stores.base import ItemAttributes
 
 router = APIRouter(tags=["items"])
 
@@ -40,12 +38,7 @@ async def put_items(
     body: ItemsRequest, request: Request, services: ServicesDep, _: TokenDep
 ) -> ItemsResponse:
     limit = services.settings.max_items_per_put
-    if len(body.items) > limit:
-        raise validation_error(
-            ("body", "items"),
-            f"List should have at most {limit} items (max_items_per_put), not {len(body.items)}",
-            "too_long",
-        )
+    check_batch_size("items", len(body.items), limit, "max_items_per_put")
     catalogue = services.ranker.items
     fields = catalogue.attribute_names
     unknown = [
@@ -62,15 +55,7 @@ async def put_items(
         item.item_id: {name: value for name, value in item.attributes.items() if value is not None}
         for item in body.items
     }
-    budget = remaining_budget(
-        services.settings.request_budget_seconds, request.scope.get(START_TIME_KEY)
-    )
-    try:
-        async with asyncio.timeout(budget):
-            reports = await catalogue.put(items)
-    except TimeoutError:
-        # Maybe written, maybe not: not acknowledged, so the client retries (an upsert is safe).
-        raise StoreError(f"no answer from the store within {budget:.3f} s") from None
+    reports = await within_budget(catalogue.put(items), request, services.settings)
     return ItemsResponse(
         upserted=len(reports),
         items=[

@@ -10,7 +10,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from loadtest.harness import running_service
 from model.artifact import load_artifact
@@ -21,7 +20,14 @@ from service.stores.base import Store
 from service.stores.instrumented import InstrumentedStore
 from service.stores.memory import MemoryStore
 from service.stores.redis import RedisStore
-from tests.support import CATALOGUE_ITEMS, T0, make_settings, service_client
+from tests.support import (
+    CATALOGUE_ITEMS,
+    T0,
+    make_settings,
+    rank_all,
+    scores_from_scratch,
+    service_client,
+)
 
 pytestmark = pytest.mark.anyio
 TOLERANCE = 1e-5
@@ -30,7 +36,6 @@ NEW_ITEM = CATALOGUE_ITEMS + 17
 """An id outside the test catalogue (0..999)."""
 OTHERS = [3, 40, 512, 777]
 """Catalogue items ranked beside the item under test (scores depend on the whole set)."""
-ACTIONS = ["impression", "click", "long_view", "like"]
 
 
 class Clock:
@@ -52,16 +57,10 @@ def expected_scores(
 ) -> np.ndarray:
     """(M,) scores from the exported programs: the history encoded from scratch with the given
     (N, F_item) item rows of its events, and the given (M, F_item) candidate rows."""
-    model = load_artifact(model_dir)
-    spec = model.spec
-    times = np.array([e["timestamp"] for e in events], dtype=np.float64)
-    actions = np.array([ACTIONS.index(e["action"]) for e in events], dtype=np.int64)
-    rows = spec.event_rows(event_rows.reshape(len(events), -1), actions, times)
-    with torch.no_grad():
-        s, z = model.encode(torch.from_numpy(rows), torch.from_numpy(times), REQUEST_TIME)
-        user = spec.user_rows({"user_id": np.array([user_id])})[0]
-        _, scores = model.score(torch.from_numpy(user), torch.from_numpy(candidate_rows), s, z)
-    return scores.numpy()
+    scores, _ = scores_from_scratch(
+        model_dir, user_id, events, event_rows, candidate_rows, REQUEST_TIME
+    )
+    return scores
 
 
 def attribute_row(model_dir: Path, category: int, author: int, item_id: int = -1) -> np.ndarray:
@@ -74,17 +73,7 @@ def attribute_row(model_dir: Path, category: int, author: int, item_id: int = -1
 
 
 async def rank(client: httpx.AsyncClient, user_id: int, candidates: list[int]) -> dict[str, Any]:
-    response = await client.post(
-        "/rank",
-        json={
-            "user_id": user_id,
-            "candidate_ids": candidates,
-            "k": len(candidates),
-            "request_time": REQUEST_TIME,
-        },
-    )
-    assert response.status_code == 200, response.text
-    return dict(response.json())
+    return await rank_all(client, user_id, candidates, REQUEST_TIME)
 
 
 def scores_by_id(body: dict[str, Any]) -> dict[int, float]:

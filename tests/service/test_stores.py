@@ -51,6 +51,21 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
         await store.close()
 
 
+def count_sends(monkeypatch: pytest.MonkeyPatch, command: bytes) -> list[tuple[int, int]]:
+    """From now until ``monkeypatch.undo()``, each write to a Redis connection appends (its
+    node's port, how many ``command`` commands it carries) to the list returned."""
+    sends: list[tuple[int, int]] = []
+    real_send = Connection.send_packed_command
+
+    async def counted_send(self: Connection, packed: Any, check_health: bool = True) -> None:
+        payload = b"".join(packed) if isinstance(packed, list) else bytes(packed)
+        sends.append((int(self.port), payload.count(b"\r\n" + command + b"\r\n")))
+        await real_send(self, packed, check_health)
+
+    monkeypatch.setattr(Connection, "send_packed_command", counted_send)
+    return sends
+
+
 def event(event_id: str, user_id: int, item_id: int, timestamp: float, action: int = 1) -> NewEvent:
     return NewEvent(event_id, user_id, item_id, action, timestamp)
 
@@ -311,17 +326,9 @@ async def test_a_batch_is_one_script_call_per_user_in_one_round_trip_per_node(
     def batch(tag: str) -> list[NewEvent]:
         return [event(f"{tag}-{u}-{i}", u, i, float(i)) for u in users for i in range(10)]
 
-    sends: list[tuple[int, int]] = []  # (port, EVALSHA commands in the send)
-    real_send = Connection.send_packed_command
-
-    async def counted_send(self: Connection, command: Any, check_health: bool = True) -> None:
-        payload = b"".join(command) if isinstance(command, list) else bytes(command)
-        sends.append((int(self.port), payload.count(b"\r\nEVALSHA\r\n")))
-        await real_send(self, command, check_health)
-
     try:
         await store.append_events(batch("warm"))  # connects, learns the topology, loads scripts
-        monkeypatch.setattr(Connection, "send_packed_command", counted_send)
+        sends = count_sends(monkeypatch, b"EVALSHA")
         result = await store.append_events(batch("counted"))
         monkeypatch.undo()
         assert (result.accepted, result.duplicates) == (300, 0)
@@ -356,17 +363,9 @@ async def test_an_item_lookup_is_one_round_trip_per_node(
     round trip per node."""
     store, _ = open_redis(request, backend)
     ids = list(range(5000, 6000))
-    sends: list[tuple[int, int]] = []  # (port, EVALSHA commands in the send)
-    real_send = Connection.send_packed_command
-
-    async def counted_send(self: Connection, command: Any, check_health: bool = True) -> None:
-        payload = b"".join(command) if isinstance(command, list) else bytes(command)
-        sends.append((int(self.port), payload.count(b"\r\nEVALSHA\r\n")))
-        await real_send(self, command, check_health)
-
     try:
         await store.put_items({i: {"category": 1} for i in ids[::2]})  # connects, learns nodes
-        monkeypatch.setattr(Connection, "send_packed_command", counted_send)
+        sends = count_sends(monkeypatch, b"EVALSHA")
         found = await store.get_items(ids)
         monkeypatch.undo()
     finally:
