@@ -192,6 +192,7 @@ async def test_bad_item_batches_are_refused_with_the_field_named(artifact_dir: P
         )
         no_attributes = await client.put("/items", json={"items": [{"item_id": 1}]})
         info = (await client.get("/model")).json()
+        openapi = (await client.get("/openapi.json")).json()
     assert unknown_name.status_code == 422
     [issue] = unknown_name.json()["detail"]
     assert issue["field"] == "items[0].attributes.colour"
@@ -204,6 +205,8 @@ async def test_bad_item_batches_are_refused_with_the_field_named(artifact_dir: P
     assert no_attributes.status_code == 422
     assert no_attributes.json()["detail"][0]["field"] == "items[0].attributes"
     assert info["limits"]["max_items_per_put"] == 3
+    items_schema = openapi["components"]["schemas"]["ItemsRequest"]["properties"]["items"]
+    assert items_schema["maxItems"] == 3
     assert info["catalogue"] == {
         "base_items": CATALOGUE_ITEMS,
         "item_fields": ["category", "author"],
