@@ -145,6 +145,12 @@ def test_ranker_deployment_contract() -> None:
 
     config_map = documents[f"ConfigMap/{container['envFrom'][0]['configMapRef']['name']}"]
     assert config_map["data"]["IFA_STORE"] == "redis"
+    from service.settings import Settings
+
+    names = {n.removeprefix("IFA_").lower() for n in config_map["data"]}
+    assert names <= set(Settings.model_fields), (
+        f"not settings: {names - set(Settings.model_fields)}"
+    )
     redis_host = re.match(r"redis://([^:/]+)", config_map["data"]["IFA_REDIS_URL"])
     assert redis_host and f"Service/{redis_host[1]}" in documents
 
