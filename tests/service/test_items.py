@@ -225,6 +225,18 @@ async def test_put_items_requires_the_token_like_events(artifact_dir: Path) -> N
     assert right.status_code == 200
 
 
+async def test_put_items_is_admitted_like_events(artifact_dir: Path) -> None:
+    """The body limit covers PUT /items: a 413 before parsing, counted under its route."""
+    big = {"items": [{"item_id": i, "attributes": {"category": 1}} for i in range(200)]}
+    settings = make_settings(artifact_dir, max_body_bytes=1024)
+    async with service_client(settings) as client:
+        refused = await client.put("/items", json=big)
+        metrics = (await client.get("/metrics")).text
+    assert refused.status_code == 413
+    assert "1024 bytes" in refused.text
+    assert 'ifa_http_requests_total{method="PUT",route="/items",status_class="4xx"} 1.0' in metrics
+
+
 # -- states: an event is folded with the features its item has when it is folded ----------------
 
 
