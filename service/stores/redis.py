@@ -54,7 +54,7 @@ from service.stores.base import (
     UserSnapshot,
 )
 from service.stores.records import RECORD_BYTES, EventLog, pack_record, unpack_log
-from service.stores.redis_client import CLIENT_ERRORS, connect
+from service.stores.redis_client import CLIENT_ERRORS, Client, connect
 
 # KEYS: log, event ids, meta. ARGV: keep, trim at, dedup window, then event id, record, event id,
 # record, ... Returns the count appended. The id check and the APPEND are one script: an event id
@@ -189,6 +189,16 @@ class RedisStore:
         self._client = connect(
             url, cluster, max_connections, timeout_seconds, retries, backoff_seconds
         )
+        # On a cluster, the item table is read and written through a client of its own that
+        # does not retry: a cluster pipeline that meets a timeout or a lost connection with
+        # retries left closes every connection of its client (redis-py 8.1), those that
+        # concurrent requests are using included. An item lookup that fails falls back to the
+        # features the worker has; the users' states never share its connections.
+        self._items_client = (
+            connect(url, cluster, max_connections, timeout_seconds, cluster_retries=0)
+            if cluster
+            else self._client
+        )
         # Script objects run by EVALSHA and load themselves on NOSCRIPT (on a cluster, SCRIPT
         # LOAD reaches every master); in pipelines, _evalsha_pipelined does the same.
         self._append = self._client.register_script(_APPEND_SCRIPT)
@@ -230,21 +240,26 @@ class RedisStore:
         return AppendResult(accepted=accepted, duplicates=len(events) - accepted)
 
     async def _evalsha_pipelined(
-        self, script: AsyncScript, calls: Sequence[tuple[list[str], list[bytes | str | int]]]
+        self,
+        script: AsyncScript,
+        calls: Sequence[tuple[list[str], list[bytes | str | int]]],
+        client: Client | None = None,
     ) -> list[Any]:
         """``script`` once per (keys, args), all in one pipeline: one round trip on a single node,
         one per node (all at once) on a cluster, whose pipeline groups commands by node. Each
-        call's keys are one user's, so each call is one slot.
+        call's keys are one user's, so each call is one slot. ``client``: the one to send with
+        (default: the store's main client).
 
         A node that has not seen the script (a new, restarted or promoted master) answers
         NOSCRIPT to its calls; only those calls are sent again, once the script is loaded on
         every master, so no call runs twice and the counts stay exact.
         """
+        client = client if client is not None else self._client
         results: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
         for _ in range(2):
             # The cluster pipeline refuses pipe.evalsha(); the raw command routes by key.
-            async with self._client.pipeline(transaction=False) as pipe:
+            async with client.pipeline(transaction=False) as pipe:
                 for i in pending:
                     keys, args = calls[i]
                     pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
@@ -259,7 +274,7 @@ class RedisStore:
                     results[i] = answer
             if not missing:
                 return results
-            await self._client.script_load(script.script)
+            await client.script_load(script.script)
             pending = missing
         raise NoScriptError("script still unknown to a node after loading it on every master")
 
@@ -352,7 +367,7 @@ class RedisStore:
         if not by_shard:
             return
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
+            async with self._items_client.pipeline(transaction=False) as pipe:
                 for shard, fields in by_shard.items():
                     pipe.hset(self._item_key(shard), mapping=fields)
                 await pipe.execute()
@@ -376,7 +391,9 @@ class RedisStore:
         try:
             if isinstance(self._client, RedisCluster):
                 # A script's keys must share a slot: one call per shard, pipelined per node.
-                answers = await self._evalsha_pipelined(self._get_items, calls)
+                answers = await self._evalsha_pipelined(
+                    self._get_items, calls, self._items_client
+                )
             else:
                 # One node: one call for every shard (each pipelined command costs the client
                 # tens of microseconds, the most of a small lookup).
@@ -441,6 +458,8 @@ class RedisStore:
             raise StoreError(f"redis unreachable: {error}") from error
 
     async def close(self) -> None:
+        if self._items_client is not self._client:
+            await self._items_client.aclose()
         await self._client.aclose()
 
     async def delete_prefix(self) -> int:
