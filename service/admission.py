@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import Metrics
 
-LIMITED_ROUTES = frozenset({"/rank", "/events"})
+LIMITED_ROUTES = frozenset({"/rank", "/events", "/items"})
 """Routes that do work: health, metrics and info never count against the limit, so probes and
 scrapes still answer on a saturated worker."""
 

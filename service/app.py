@@ -19,12 +19,13 @@ from fastapi.openapi.utils import get_openapi
 
 from service.activity import ActivityTracker
 from service.admission import AdmissionMiddleware
-from service.api import admin, events, explain, health, info, rank
+from service.api import admin, events, explain, health, info, items, rank
 from service.api.deps import Services
 from service.api.docs import install_docs
 from service.arrivals import ArrivalLogMiddleware
 from service.errors import install_error_handlers
 from service.explain import EagerNets, RateLimit
+from service.items import LiveCatalogue
 from service.loop_lag import watch_loop_lag
 from service.metrics import Metrics, retire_worker
 from service.middleware import HttpMetricsMiddleware
@@ -108,7 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.arrival_log is not None:
         app.add_middleware(ArrivalLogMiddleware, directory=settings.arrival_log)
     install_error_handlers(app, metrics, settings.retry_after_seconds)
-    for module in (rank, events, explain, admin, health, info):
+    for module in (rank, events, items, explain, admin, health, info):
         app.include_router(module.router)
     install_docs(app)
     _document_runtime_limits(app, settings)
@@ -166,18 +167,34 @@ async def start(settings: Settings, metrics: Metrics) -> Services:
         executor.shutdown(wait=False)
         raise
 
+    store_budget_seconds = settings.request_budget_seconds * settings.state_fetch_share
+
     def make_ranker(runtime: ModelRuntime, previous: Ranker | None = None) -> Ranker:
-        """A version's ranker; with the same state version as ``previous``, it shares that
-        ranker's recent states (degraded answers stay valid across the switch)."""
+        """A version's ranker; with the same state version as ``previous`` (so the same base
+        catalogue), it shares that ranker's recent states (degraded answers stay valid across
+        the switch) and its item cache."""
+        items = (
+            previous.items
+            if previous is not None
+            else LiveCatalogue(
+                runtime.catalogue,
+                store,
+                metrics,
+                ttl_seconds=settings.item_cache_ttl_seconds,
+                capacity=settings.item_cache_size,
+                lookup_budget_seconds=store_budget_seconds,
+            )
+        )
         ranker = Ranker(
             runtime,
             store,
             metrics,
             settings.state_ttl_seconds,
+            items=items,
             state_cache=settings.state_cache,
             # The store trims logs to the cap it opened with: every version keeps that window.
             max_history=max_history,
-            state_budget_seconds=settings.request_budget_seconds * settings.state_fetch_share,
+            state_budget_seconds=store_budget_seconds,
             local_states=settings.local_states,
         )
         if previous is not None:
@@ -267,6 +284,10 @@ def _document_runtime_limits(app: FastAPI, settings: Settings) -> None:
         if "EventsRequest" in components:
             components["EventsRequest"]["properties"]["events"]["maxItems"] = (
                 settings.max_events_per_post
+            )
+        if "ItemsRequest" in components:
+            components["ItemsRequest"]["properties"]["items"]["maxItems"] = (
+                settings.max_items_per_put
             )
         services = app.state.services
         if isinstance(services, Services) and "EventIn" in components:

@@ -9,7 +9,9 @@ the state cached (hit) and not (miss: the whole history is encoded), it measures
 * over HTTP (``python -m service`` under uvicorn, Redis store, httpx client on loopback): the
   client-side latency;
 * the Redis state: bytes per user (the value and Redis's own MEMORY USAGE) and the p50/p99 of a
-  state fetch on loopback.
+  state fetch on loopback;
+* the featurize stage at M = 1000 on the Redis store with 0 %, 10 % and 100 % of the candidates
+  outside the worker's item cache (fetched from the item table in the request), side by side.
 
 Results go to results/service_bench.{md,json}. Without --model-dir (or ./artifacts/LATEST) it
 serves an untrained IFA of the default spec with a synthetic 100k-item catalogue: latency does
@@ -27,8 +29,8 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,12 @@ T0 = 1.7e9
 STAGES = ("validate", "featurize", "state_fetch", "encode", "forward", "serialise")
 OVERHEAD_TARGET = 0.5
 """Serving overhead at M = 1000 should stay within 50 % of the forward pass."""
+OUTSIDE_CACHE_SHARES = (0.0, 0.1, 1.0)
+"""Shares of a 1000-candidate set that the worker's item cache does not hold."""
+TABLE_ITEMS = 20_000
+"""Items the item-table benchmark writes: as many new ids, and as many catalogue overrides."""
+WARM_ITEMS = 5_000
+"""Ids the item-table benchmark caches first; the cached part of each set is drawn from them."""
 
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -149,32 +157,41 @@ def body(user: int, candidates: np.ndarray, k: int = 50) -> dict[str, Any]:
 # -- in-process -------------------------------------------------------------------------------
 
 
-async def in_process(
-    settings: Settings, item_ids: np.ndarray, hits: int, misses: int, seed: int
-) -> dict[str, Any]:
+@asynccontextmanager
+async def recorded_app(
+    settings: Settings,
+) -> AsyncIterator[tuple[Any, Recorder, httpx.AsyncClient]]:
+    """The app with its lifespan running, a recorder of its per-request timings and a client
+    that calls it in-process."""
     app = create_app(settings)
     recorder = Recorder()
     app.state.metrics.add_listener(recorder)
-    rng = np.random.default_rng(seed)
-    results: dict[str, Any] = {}
     async with app.router.lifespan_context(app):
-        store = app.state.services.store
-        miss_users = [1_000_000 + seed * 100_000 + i for i in range(misses * len(SIZES))]
-        await store.seed(histories([7, *miss_users], item_ids, seed))
         transport = httpx.ASGITransport(app=LoopCpuTimer(app, recorder))
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
-            for m in SIZES:
-                candidates = [rng.choice(item_ids, m, replace=False) for _ in range(8)]
-                await client.post("/rank", json=body(7, candidates[0]))  # cache the state
-                for cache, users in (("hit", [7] * hits), ("miss", miss_users[:misses])):
-                    if cache == "miss":
-                        miss_users = miss_users[misses:]
-                    recorder.requests.clear()
-                    for i, user in enumerate(users):
-                        response = await client.post("/rank", json=body(user, candidates[i % 8]))
-                        assert response.status_code == 200, response.text
-                        assert response.json()["state_cache"] == cache
-                    results[f"{cache}/{m}"] = summarise(recorder.requests)
+            yield app, recorder, client
+
+
+async def in_process(
+    settings: Settings, item_ids: np.ndarray, hits: int, misses: int, seed: int
+) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    results: dict[str, Any] = {}
+    async with recorded_app(settings) as (app, recorder, client):
+        miss_users = [1_000_000 + seed * 100_000 + i for i in range(misses * len(SIZES))]
+        await app.state.services.store.seed(histories([7, *miss_users], item_ids, seed))
+        for m in SIZES:
+            candidates = [rng.choice(item_ids, m, replace=False) for _ in range(8)]
+            await client.post("/rank", json=body(7, candidates[0]))  # cache the state
+            for cache, users in (("hit", [7] * hits), ("miss", miss_users[:misses])):
+                if cache == "miss":
+                    miss_users = miss_users[misses:]
+                recorder.requests.clear()
+                for i, user in enumerate(users):
+                    response = await client.post("/rank", json=body(user, candidates[i % 8]))
+                    assert response.status_code == 200, response.text
+                    assert response.json()["state_cache"] == cache
+                results[f"{cache}/{m}"] = summarise(recorder.requests)
     return results
 
 
@@ -188,6 +205,68 @@ def summarise(requests: list[dict[str, float]]) -> dict[str, Any]:
         "forward_cpu": percentiles([r.get("forward_cpu", 0.0) for r in requests]),
         "serving_cpu": percentiles([r["request_cpu"] for r in requests]),
     }
+
+
+# -- the item table ---------------------------------------------------------------------------
+
+
+async def item_lookups(
+    settings: Settings, item_ids: np.ndarray, requests: int, seed: int
+) -> dict[str, Any]:
+    """Featurize (and server) time of /rank at M = 1000, state cached, for each share of the
+    candidates outside the worker's item cache: those are ids never looked up before (catalogue
+    items, some overridden, and new items of the table), so each request fetches them."""
+    m = 1000
+    rng = np.random.default_rng(seed)
+    results: dict[str, Any] = {}
+    async with recorded_app(settings) as (app, recorder, client):
+        store = app.state.services.store
+        new_ids = np.arange(10**12, 10**12 + TABLE_ITEMS)
+        overridden = rng.choice(item_ids, TABLE_ITEMS, replace=False)
+        await store.put_items(
+            {
+                int(i): {"category": int(rng.integers(0, 64)), "author": int(rng.integers(0, 4096))}
+                for i in np.concatenate([new_ids, overridden])
+            }
+        )
+        pool = rng.permutation(np.concatenate([item_ids, new_ids]))
+        warm, cold = pool[:WARM_ITEMS], pool[WARM_ITEMS:]
+        needed = requests * sum(round(m * share) for share in OUTSIDE_CACHE_SHARES)
+        if needed > len(cold):
+            raise ValueError(f"{requests} requests per share need {needed} unseen ids")
+        # The user's history is over the warm ids: encoding it must not cache a cold one.
+        await store.seed(histories([7], warm, seed))
+        for chunk in np.array_split(warm, WARM_ITEMS // m):  # the state and the warm ids
+            assert (await client.post("/rank", json=body(7, chunk))).status_code == 200
+        registry = app.state.metrics.registry
+
+        def fetched() -> float:
+            return registry.get_sample_value("ifa_item_cache_total", {"outcome": "miss"}) or 0
+
+        # The shares take turns, request by request, so that whatever else loads the machine
+        # weighs on each alike.
+        timings: dict[float, list[dict[str, float]]] = {share: [] for share in OUTSIDE_CACHE_SHARES}
+        fetched_before = fetched()
+        for _ in range(requests):
+            for share, seen in timings.items():
+                outside = round(m * share)
+                unseen, cold = cold[:outside], cold[outside:]
+                cached = rng.choice(warm, m - outside, replace=False)
+                candidates = rng.permutation(np.concatenate([cached, unseen]))
+                response = await client.post("/rank", json=body(7, candidates))
+                assert response.status_code == 200, response.text
+                assert response.json()["state_cache"] == "hit"
+                seen.append(recorder.requests[-1])
+        # Exactly the unseen ids went to the table: the scenario is the one named.
+        assert fetched() - fetched_before == needed
+        for share, seen in timings.items():
+            results[f"{share:.0%}"] = {
+                "outside_cache": round(m * share),
+                "featurize": percentiles([r["featurize"] for r in seen]),
+                "server": percentiles([r["request"] for r in seen]),
+                "serving_cpu": percentiles([r["request_cpu"] for r in seen]),
+            }
+    return results
 
 
 # -- over HTTP --------------------------------------------------------------------------------
@@ -354,6 +433,25 @@ def markdown(report: dict[str, Any]) -> str:
         cells.append(f"{server['request']['p50_ms']:.2f} / {server['request']['p99_ms']:.2f}")
         cells.append(f"{run['client']['p50_ms']:.2f} / {run['client']['p99_ms']:.2f}")
         lines.append(f"| {cache} | {m} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Featurize at M = 1000 with the item table (in-process, Redis store): p50 / p99",
+        "",
+        "Candidates outside the worker's item cache are fetched from the item table in the "
+        "request (one round trip, in flight with the state fetch); the rest are answered from "
+        f"the cache. The table holds {TABLE_ITEMS} new items and {TABLE_ITEMS} overrides of "
+        "catalogue items; the state is cached (hit); the three cases take turns request by "
+        "request. Featurize is wall time, so it includes whatever else the event loop ran "
+        "while the lookup was in flight (the state fetch's reply); loop CPU is the request's "
+        "CPU time on the event loop (the scorer runs inline there, so it is included).",
+        "",
+        "| outside the item cache | featurize | server | loop CPU |",
+        "|---:|---:|---:|---:|",
+    ]
+    for share, run in report["item_lookups"].items():
+        cells = [f"{run[part]['p50_ms']:.2f} / {run[part]['p99_ms']:.2f}"
+                 for part in ("featurize", "server", "serving_cpu")]  # fmt: skip
+        lines.append(f"| {share} ({run['outside_cache']} ids) | " + " | ".join(cells) + " |")
     o = report["overhead_at_1000"]
     r = report["redis_state"]
     lines += [
@@ -426,6 +524,19 @@ async def run(args: argparse.Namespace, model_dir: Path, model_label: str) -> di
         state_version = model.manifest.state_version or version
         report["redis_state"] = await redis_state(args.redis_url, prefix, state_version, 2000)
 
+        print("item table, redis store ...", flush=True)
+        items_settings = redis_settings.model_copy(
+            update={"redis_prefix": f"{prefix}-items", "item_cache_ttl_seconds": 3600.0}
+        )
+        items_cleanup = RedisStore(args.redis_url, prefix=f"{prefix}-items")
+        try:
+            report["item_lookups"] = await item_lookups(
+                items_settings, item_ids, args.item_requests, seed=5
+            )
+        finally:
+            await items_cleanup.delete_prefix()
+            await items_cleanup.close()
+
         print("over HTTP, redis store ...", flush=True)
         http_prefix = f"{prefix}-http"
         miss_users = [5_000_000 + i for i in range(args.misses * len(SIZES))]
@@ -482,6 +593,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--hits", type=int, default=300, help="cache-hit requests per M")
     parser.add_argument("--misses", type=int, default=40, help="cache-miss requests per M")
+    parser.add_argument(
+        "--item-requests", type=int, default=80, help="requests per share outside the item cache"
+    )
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args(argv)

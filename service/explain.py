@@ -125,9 +125,11 @@ async def explain(
         raise StoreError("the user's log moved on while it was read; retry")
     event_ids = await store.event_ids(user_id, state.start, state.cursor)
     when = time.time() if request_time is None else request_time
-    candidate_rows, _ = runtime.candidate_rows(np.array([item_id], dtype=np.int64))
+    # Features as the live catalogue has them now: an event whose item changed since it was
+    # folded is weighed with its present features (the state keeps the old ones, DESIGN §2).
+    candidate_rows = (await ranker.items.rows(np.array([item_id], dtype=np.int64))).rows
     user_row = runtime.user_row(user_id, profile)
-    event_rows = runtime.event_rows(log)
+    event_rows = runtime.event_rows(await ranker.items.with_item_rows(log))
 
     def weigh() -> tuple[HeadAttention, np.ndarray, np.ndarray]:
         net = nets.get(runtime)

@@ -46,6 +46,8 @@ STAGES = (
 )  # fmt: skip
 """model_queue: a model job's wait for the worker's model thread (one observation per job)."""
 CACHE_OUTCOMES = ("hit", "miss", "stale", "degraded")
+UNKNOWN_ITEM_REASONS = ("unknown_id", "unknown_attribute")
+ITEM_CACHE_OUTCOMES = ("hit", "miss", "degraded")
 INGEST_OUTCOMES = ("accepted", "duplicate")
 ERROR_KINDS = (
     "validation", "store", "model", "internal", "overloaded", "unauthorized", "too_large",
@@ -55,6 +57,7 @@ ROLLOUT_OUTCOMES = ("switched", "failed")
 EXPLAIN_OUTCOMES = ("ok", "rate_limited")
 STORE_OPERATIONS = (
     "snapshot", "read_events", "append_events", "put_state", "put_profile", "seed", "ping",
+    "put_items", "get_items",
 )  # fmt: skip
 
 
@@ -98,7 +101,18 @@ class Metrics:
         self.candidates = Counter("ifa_candidates_total", "Candidates scored.", registry=r)
         self.unknown_items = Counter(
             "ifa_unknown_items_total",
-            "Candidates not in the catalogue, scored with out-of-vocabulary rows.",
+            "Candidates scored with out-of-vocabulary rows, by reason: unknown_id (in neither the "
+            "model's catalogue nor the item table: every field OOV), unknown_attribute (a known "
+            "item with an attribute outside the model's vocabulary: that field OOV).",
+            ["reason"],
+            registry=r,
+        )
+        self.item_cache = Counter(
+            "ifa_item_cache_total",
+            "Item feature lookups (candidates and folded events) by outcome: hit (this worker's "
+            "cache), miss (fetched from the item table), degraded (the table did not answer in "
+            "time: a cached, base-catalogue or OOV row).",
+            ["outcome"],
             registry=r,
         )
         self.events_ingested = Counter(
@@ -193,6 +207,10 @@ class Metrics:
             self.rank_stage.labels(stage=stage)
         for outcome in CACHE_OUTCOMES:
             self.state_cache.labels(outcome=outcome)
+        for reason in UNKNOWN_ITEM_REASONS:
+            self.unknown_items.labels(reason=reason)
+        for outcome in ITEM_CACHE_OUTCOMES:
+            self.item_cache.labels(outcome=outcome)
         for outcome in INGEST_OUTCOMES:
             self.events_ingested.labels(outcome=outcome)
         for kind in ERROR_KINDS:

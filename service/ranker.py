@@ -29,6 +29,7 @@ import numpy as np
 import orjson
 
 from service.errors import ModelError, Overloaded
+from service.items import LiveCatalogue
 from service.metrics import Metrics
 from service.runtime import ModelRuntime, Scored
 from service.state import (
@@ -107,6 +108,7 @@ class Ranker:
         store: Store,
         metrics: Metrics,
         state_ttl_seconds: int,
+        items: LiveCatalogue,
         state_cache: bool = True,
         max_history: int = 1000,
         state_budget_seconds: float = 0.2,
@@ -115,6 +117,8 @@ class Ranker:
         self.runtime = runtime
         self.store = store
         self.metrics = metrics
+        self.items = items
+        """Item features of candidates and of the events folded: the live catalogue."""
         self.state_ttl_seconds = state_ttl_seconds
         self.state_cache = state_cache
         self.max_history = max_history
@@ -150,23 +154,28 @@ class Ranker:
         """Every candidate's probabilities and score, in request order."""
         runtime, metrics = self.runtime, self.metrics
         # The store round trips are sent first and featurisation runs while they are in flight;
-        # the two stages overlap in wall time.
+        # the two stages overlap in wall time (an item-table lookup, when the item cache needs
+        # one, is in flight together with the state's).
         fetch_started = time.perf_counter()
         fetch = asyncio.ensure_future(self._state_within_budget(user_id))
         await asyncio.sleep(0)  # let the fetch write its request before the loop is busy
         started = time.perf_counter()
         try:
             item_ids = np.asarray(candidate_ids, dtype=np.int64)
-            candidate_rows, known = runtime.candidate_rows(item_ids)
+            items = await self.items.rows(item_ids)
         except BaseException:
             fetch.cancel()
             raise
-        unknown = int(item_ids.size - np.count_nonzero(known))
+        candidate_rows = items.rows
+        unknown = int(item_ids.size - np.count_nonzero(items.known))
+        unknown_attribute = int(np.count_nonzero(items.oov_attribute))
         featurize_seconds = time.perf_counter() - started
         metrics.rank_candidates.observe(item_ids.size)
         metrics.candidates.inc(item_ids.size)
         if unknown:
-            metrics.unknown_items.inc(unknown)
+            metrics.unknown_items.labels(reason="unknown_id").inc(unknown)
+        if unknown_attribute:
+            metrics.unknown_items.labels(reason="unknown_attribute").inc(unknown_attribute)
 
         current, profile = await fetch
         metrics.observe_stage("state_fetch", time.perf_counter() - fetch_started)
@@ -334,9 +343,9 @@ class Ranker:
     async def _encode_window(self, user_id: int, window_start: int) -> UserState:
         started = time.perf_counter()
         log = await self.store.read_events(user_id, window_start)
-        self.metrics.observe_stage("state_fetch", time.perf_counter() - started)
         # Events appended since the snapshot may have moved the window on.
-        log = self._within_window(log)
+        log = await self.items.with_item_rows(self._within_window(log))
+        self.metrics.observe_stage("state_fetch", time.perf_counter() - started)
         start = log.end - len(log)
         started = time.perf_counter()
         state = await self._model(lambda: self.runtime.encode_history(log, start), long=True)
@@ -357,7 +366,6 @@ class Ranker:
         if state.start < evict_stop:
             reads.append(self.store.read_events(user_id, state.start, evict_stop))
         logs = await asyncio.gather(*reads)
-        self.metrics.observe_stage("state_fetch", time.perf_counter() - started)
         newer = logs[0]
         if len(newer) != newer.end - state.cursor:
             raise _Unreachable  # trimmed past the cursor since the snapshot
@@ -369,6 +377,14 @@ class Ranker:
         # out of the window.
         if len(newer) and int(newer.positions.min()) < window_start:
             newer = newer.select(newer.positions >= window_start, newer.end)
+        # Events are folded in with their items' features as of now; an evicted event is folded
+        # out with its item's features as of now too, which differ from those it was folded in
+        # with only when the item was updated meanwhile (a difference that the state keeps until
+        # its next encoding from scratch, REENCODE_AFTER_WINDOWS windows at most).
+        newer = await self.items.with_item_rows(newer)
+        if evicted is not None:
+            evicted = await self.items.with_item_rows(evicted)
+        self.metrics.observe_stage("state_fetch", time.perf_counter() - started)
         runtime = self.runtime
         started = time.perf_counter()
 

@@ -94,8 +94,11 @@ class ModelRuntime:
         return self.spec.user_rows(known)[0]
 
     def event_rows(self, log: EventLog) -> np.ndarray:
-        """(N, F_event) rows of logged events (their items through the catalogue)."""
-        item_rows, _ = self.catalogue.rows(log.item_ids)
+        """(N, F_event) rows of logged events: their items' rows as resolved through the live
+        catalogue when the log carries them, else through the base catalogue."""
+        item_rows = log.item_rows
+        if item_rows is None:
+            item_rows, _ = self.catalogue.rows(log.item_ids)
         return self.spec.event_rows(item_rows, log.actions, log.timestamps)
 
     # -- torch work (through run() only) ----------------------------------------------------------

@@ -144,6 +144,63 @@ class EventsResponse(BaseModel):
     duplicates: int = Field(description="Events whose event_id the user's history already had.")
 
 
+MIN_ATTRIBUTE = -(2**63)
+
+AttributeValue = Annotated[
+    int,
+    Field(
+        strict=True,
+        ge=MIN_ATTRIBUTE,
+        le=MAX_ID,
+        description="Raw attribute value, a 64-bit JSON integer; one outside the field's "
+        "vocabulary (GET /model, catalogue.item_fields) is out-of-vocabulary for that field.",
+    ),
+]
+
+
+class ItemIn(_Strict):
+    item_id: Id = Field(description="The item; new ids are added, known ones replaced.")
+    attributes: dict[str, AttributeValue | None] = Field(
+        description="Raw attributes by field name (GET /model, catalogue.item_fields), e.g. "
+        '{"category": 3, "author": 1207}. They replace the item\'s attributes as a whole: a '
+        "field not given (or null) is out-of-vocabulary, not kept from before."
+    )
+
+
+class ItemsRequest(_Strict):
+    items: list[ItemIn] = Field(
+        min_length=1,
+        description="1..max_items_per_put items with unique ids (max_items_per_put is in "
+        "GET /model).",
+    )
+
+    @field_validator("items")
+    @classmethod
+    def _unique(cls, items: list[ItemIn]) -> list[ItemIn]:
+        counts = Counter(item.item_id for item in items)
+        duplicated = sorted(i for i, n in counts.items() if n > 1)
+        if duplicated:
+            raise ValueError(f"item ids must be unique in a batch; duplicated: {duplicated[:20]}")
+        return items
+
+
+class ItemFeatures(BaseModel):
+    item_id: int = Field(description="The item, as sent.")
+    oov_fields: list[str] = Field(
+        description="Attributes given with a value outside the field's vocabulary: that field "
+        "is scored out-of-vocabulary, the others as given."
+    )
+    missing_fields: list[str] = Field(
+        description="Fields of the model the item was not given (or given as null): "
+        "out-of-vocabulary too."
+    )
+
+
+class ItemsResponse(BaseModel):
+    upserted: int = Field(description="Items written (every item of the request).")
+    items: list[ItemFeatures] = Field(description="Per item, in request order: its OOV fields.")
+
+
 class ValidationIssue(BaseModel):
     loc: list[str | int] = Field(description="Where: ['body', 'candidate_ids', 3], ...")
     field: str = Field(description="The offending field as a path: 'candidate_ids[3]'.")
@@ -177,6 +234,7 @@ class ReadyResponse(BaseModel):
 class Limits(BaseModel):
     max_candidates: int = Field(description="Largest candidate_ids list /rank accepts.")
     max_events_per_post: int = Field(description="Largest events list /events accepts.")
+    max_items_per_put: int = Field(description="Largest items list PUT /items accepts.")
     default_k: int = Field(description="Items /rank returns when k is omitted.")
     max_id: int = Field(default=MAX_ID, description="Largest user or item id (2^63 - 1).")
     max_timestamp: float = Field(
@@ -196,6 +254,23 @@ class Limits(BaseModel):
     )
 
 
+class CatalogueInfo(BaseModel):
+    base_items: int = Field(
+        description="Items of the model's own catalogue; version and state_version cover these "
+        "only, not the items added or changed through PUT /items."
+    )
+    item_fields: list[str] = Field(description="Attributes PUT /items sets.")
+    cache_ttl_seconds: float = Field(
+        description="An item update is ranked with on every worker within this time."
+    )
+    updates_rewrite_states: Literal[False] = Field(
+        default=False,
+        description="Always false: an event is folded into its user's state with the features "
+        "its item has when the event is folded; an item update applies to events folded after "
+        "it and does not rewrite states already cached.",
+    )
+
+
 class ModelInfo(BaseModel):
     version: str = Field(description="The model version served.")
     objectives: list[str] = Field(description="Probability columns: impression, then actions.")
@@ -208,6 +283,10 @@ class ModelInfo(BaseModel):
     state_bytes: int = Field(description="Size of one cached user state.")
     store: str = Field(description="State store backend: memory or redis.")
     limits: Limits = Field(description="Limits the API enforces.")
+    catalogue: CatalogueInfo = Field(
+        description="Item features: the model's catalogue, overridden and extended by the item "
+        "table (PUT /items)."
+    )
 
 
 VALIDATION_RESPONSES: dict[int | str, dict[str, object]] = {

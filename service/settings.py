@@ -181,6 +181,24 @@ class Settings(BaseSettings):
         "off) recomputes the state from the whole log on every request: the baseline that "
         "capacity tests compare the cache against.",
     )
+    item_cache_ttl_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long a worker uses an item's features from its own cache before asking "
+        "the item table again: an item updated through PUT /items on another worker or replica "
+        "is ranked with its new features within this time (at once on the worker that took "
+        "the PUT). Each id a worker sees costs a table lookup once per TTL, batched per request.",
+    )
+    item_cache_size: int = Field(
+        default=50_000,
+        ge=0,
+        description="Items outside the model's catalogue (added through PUT /items, or unknown "
+        "ids) whose features each worker caches, the oldest dropped first (about 250 B each). "
+        "Items of the model's catalogue are cached in arrays beside it, without a bound.",
+    )
+    max_items_per_put: int = Field(
+        default=1000, ge=1, description="Largest batch a PUT /items accepts."
+    )
     max_candidates: int = Field(
         default=2000, ge=1, description="Largest candidate set a /rank accepts."
     )

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from model.artifact import load_artifact
 from model.catalogue import Catalogue
 from model.checkpoint import Checkpoint
 from model.export import export_artifact
@@ -111,3 +112,48 @@ def events_payload(
             for i in range(n)
         ]
     }
+
+
+def scores_from_scratch(
+    model_dir: Path,
+    user_id: int,
+    events: list[dict[str, Any]],
+    event_item_rows: np.ndarray,
+    candidate_rows: np.ndarray,
+    request_time: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (M,), probabilities (M, 4)) from the exported programs: the user's ``events``
+    (as posted to /events, their items' (N, F_item) rows given) encoded from scratch, and the
+    (M, F_item) candidate rows scored against that state at ``request_time``."""
+    import torch
+
+    model = load_artifact(model_dir)
+    spec = model.spec
+    times = np.array([e["timestamp"] for e in events], dtype=np.float64)
+    actions = np.array([spec.action_index(e["action"]) for e in events], dtype=np.int64)
+    rows = spec.event_rows(event_item_rows.reshape(len(events), -1), actions, times)
+    with torch.no_grad():
+        s, z = model.encode(torch.from_numpy(rows), torch.from_numpy(times), request_time)
+        user = spec.user_rows({"user_id": np.array([user_id])})[0]
+        probabilities, scores = model.score(
+            torch.from_numpy(user), torch.from_numpy(candidate_rows), s, z
+        )
+    return scores.numpy(), probabilities.numpy()
+
+
+async def rank_all(
+    client: httpx.AsyncClient, user_id: int, candidates: list[int], request_time: float
+) -> dict[str, Any]:
+    """The 200 body of a /rank that returns every candidate, scored at ``request_time``."""
+    response = await client.post(
+        "/rank",
+        json={
+            "user_id": user_id,
+            "candidate_ids": candidates,
+            "k": len(candidates),
+            "request_time": request_time,
+        },
+    )
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body

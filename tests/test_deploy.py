@@ -97,9 +97,14 @@ def test_grafana_provisioning_matches_the_dashboard() -> None:
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     titles = " ".join(p["title"].lower() for p in panels)
     for topic in ("latency", "requests/s", "error ratio", "stage", "cache hit", "candidates",
-                  "events ingested", "in-flight", "active model version", "warm-up",
-                  "/explain"):  # fmt: skip
+                  "events ingested", "in-flight", "item cache", "active model version",
+                  "warm-up", "/explain"):  # fmt: skip
         assert topic in titles, f"no panel about {topic}"
+    # Unknown candidates split by reason, each series a share of all candidates.
+    (unknown,) = [p for p in panels if "unknown candidate" in p["title"].lower()]
+    (target,) = unknown["targets"]
+    assert "sum by (reason) (rate(ifa_unknown_items_total" in target["expr"]
+    assert "ifa_candidates_total" in target["expr"] and target["legendFormat"] == "{{reason}}"
 
 
 # -- Kubernetes -------------------------------------------------------------------------------
@@ -141,6 +146,12 @@ def test_ranker_deployment_contract() -> None:
 
     config_map = documents[f"ConfigMap/{container['envFrom'][0]['configMapRef']['name']}"]
     assert config_map["data"]["IFA_STORE"] == "redis"
+    from service.settings import Settings
+
+    names = {n.removeprefix("IFA_").lower() for n in config_map["data"]}
+    assert names <= set(Settings.model_fields), (
+        f"not settings: {names - set(Settings.model_fields)}"
+    )
     redis_host = re.match(r"redis://([^:/]+)", config_map["data"]["IFA_REDIS_URL"])
     assert redis_host and f"Service/{redis_host[1]}" in documents
 

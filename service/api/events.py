@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from fastapi import APIRouter, Request
 
 from service.api.deps import ServicesDep, TokenDep
-from service.errors import validation_error, validation_errors
-from service.middleware import START_TIME_KEY, remaining_budget
+from service.api.writes import check_batch_size, within_budget
+from service.errors import validation_errors
 from service.schemas import (
     AUTH_RESPONSES,
     STORE_RESPONSES,
@@ -17,7 +16,7 @@ from service.schemas import (
     EventsRequest,
     EventsResponse,
 )
-from service.stores.base import NewEvent, StoreError
+from service.stores.base import NewEvent
 
 router = APIRouter(tags=["events"])
 
@@ -37,12 +36,7 @@ async def post_events(
     body: EventsRequest, request: Request, services: ServicesDep, _: TokenDep
 ) -> EventsResponse:
     limit = services.settings.max_events_per_post
-    if len(body.events) > limit:
-        raise validation_error(
-            ("body", "events"),
-            f"List should have at most {limit} items (max_events_per_post), not {len(body.events)}",
-            "too_long",
-        )
+    check_batch_size("events", len(body.events), limit, "max_events_per_post")
     index = {name: i for i, name in enumerate(services.runtime.actions)}
     unknown = [
         (("body", "events", position, "action"),
@@ -65,20 +59,11 @@ async def post_events(
     ]  # fmt: skip
     if future:
         raise validation_errors(future)
-    budget = remaining_budget(
-        services.settings.request_budget_seconds, request.scope.get(START_TIME_KEY)
-    )
-    try:
-        async with asyncio.timeout(budget):
-            result = await services.store.append_events(
-                [
-                    NewEvent(e.event_id, e.user_id, e.item_id, index[e.action], e.timestamp)
-                    for e in body.events
-                ]
-            )
-    except TimeoutError:
-        # Maybe written, maybe not: not acknowledged, so the client retries (ids make it safe).
-        raise StoreError(f"no answer from the store within {budget:.3f} s") from None
+    events = [
+        NewEvent(e.event_id, e.user_id, e.item_id, index[e.action], e.timestamp)
+        for e in body.events
+    ]
+    result = await within_budget(services.store.append_events(events), request, services.settings)
     services.activity.touch(e.user_id for e in body.events)
     ingested = services.metrics.events_ingested
     ingested.labels(outcome="accepted").inc(result.accepted)

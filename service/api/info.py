@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.api.deps import ServicesDep
-from service.schemas import Limits, ModelInfo
+from service.schemas import CatalogueInfo, Limits, ModelInfo
 from service.state import state_bytes
 
 router = APIRouter(tags=["operations"])
@@ -28,10 +28,16 @@ async def model_info(services: ServicesDep) -> ModelInfo:
         limits=Limits(
             max_candidates=settings.max_candidates,
             max_events_per_post=settings.max_events_per_post,
+            max_items_per_put=settings.max_items_per_put,
             default_k=settings.default_k,
             max_clock_skew_seconds=settings.max_clock_skew_seconds,
             max_body_bytes=settings.max_body_bytes,
             max_history=services.ranker.max_history,
             dedup_window=settings.dedup_window,
+        ),
+        catalogue=CatalogueInfo(
+            base_items=len(runtime.catalogue),
+            item_fields=list(services.ranker.items.attribute_names),
+            cache_ttl_seconds=settings.item_cache_ttl_seconds,
         ),
     )

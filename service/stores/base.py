@@ -1,5 +1,6 @@
-"""The store interface: a behaviour log (idempotent appends, reads after a cursor, profiles)
-and a state cache (compare-and-set on the cursor, TTL, keys by model version and user).
+"""The store interface: a behaviour log (idempotent appends, reads after a cursor, profiles),
+a state cache (compare-and-set on the cursor, TTL, keys by model version and user) and an item
+table (raw item attributes that override and extend the model's catalogue).
 
 Cursors are log positions, not timestamps: the state with window [start, c) is a pure function of
 the events the user's log received at those positions, whatever their timestamps. An event that
@@ -165,7 +166,23 @@ class RolloutRecords(Protocol):
         ...
 
 
-class Store(BehaviourLog, StateCache, RolloutRecords, Protocol):
+ItemAttributes = dict[str, int]
+"""An item's raw attributes by field name (``category``, ``author``, ...), as posted: raw values,
+featurised under whichever model serves (a value outside its vocabulary is that field's OOV)."""
+
+
+class ItemTable(Protocol):
+    async def put_items(self, items: Mapping[int, Mapping[str, int]]) -> None:
+        """Upsert items: each id's attributes are replaced by the ones given."""
+        ...
+
+    async def get_items(self, item_ids: Sequence[int]) -> list[ItemAttributes | None]:
+        """The stored attributes of each id, in order; None for an id the table does not hold.
+        One round trip however many ids (one per node, in parallel, on a cluster)."""
+        ...
+
+
+class Store(BehaviourLog, StateCache, RolloutRecords, ItemTable, Protocol):
     async def snapshot(self, version: str, user_id: int, ttl_seconds: int) -> UserSnapshot:
         """The cached state, profile and log bounds of a user. The state's TTL is refreshed once
         less than half of it is left (so that reads do not write)."""

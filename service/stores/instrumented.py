@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from service.metrics import Metrics
 from service.stores.base import (
     AppendResult,
+    ItemAttributes,
     NewEvent,
     SeedHistories,
     Store,
@@ -59,6 +60,14 @@ class InstrumentedStore:
     async def count_users(self, budget: int) -> UserCount:
         async with self._measured("count_users"):
             return await self.inner.count_users(budget)
+
+    async def put_items(self, items: Mapping[int, Mapping[str, int]]) -> None:
+        async with self._measured("put_items"):
+            await self.inner.put_items(items)
+
+    async def get_items(self, item_ids: Sequence[int]) -> list[ItemAttributes | None]:
+        async with self._measured("get_items"):
+            return await self.inner.get_items(item_ids)
 
     async def put_state(
         self,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from service.stores.base import (
     AppendResult,
     HistoryLimits,
+    ItemAttributes,
     NewEvent,
     SeedHistories,
     UserCount,
@@ -47,6 +48,7 @@ class MemoryStore:
         self._puts = 0
         self._activity: dict[int, float] = {}
         """User -> latest activity (unix seconds), about the most recent ``keep`` users."""
+        self._items: dict[int, ItemAttributes] = {}
 
     # -- behaviour log ----------------------------------------------------------------------
 
@@ -175,6 +177,17 @@ class MemoryStore:
         expired = [key for key, cached in self._states.items() if cached.expires_at <= now]
         for key in expired:
             del self._states[key]
+
+    # -- item table -------------------------------------------------------------------------
+
+    async def put_items(self, items: Mapping[int, Mapping[str, int]]) -> None:
+        for item_id, attributes in items.items():
+            self._items[int(item_id)] = {name: int(v) for name, v in attributes.items()}
+
+    async def get_items(self, item_ids: Sequence[int]) -> list[ItemAttributes | None]:
+        # Copies: a caller must not be able to change the table through what it read.
+        found = (self._items.get(item_id) for item_id in item_ids)
+        return [dict(attributes) if attributes is not None else None for attributes in found]
 
     # -- lifecycle --------------------------------------------------------------------------
 

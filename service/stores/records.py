@@ -28,6 +28,9 @@ class EventLog:
     timestamps: np.ndarray  # (N,) float64, unix seconds
     end: int
     positions: np.ndarray  # (N,) int64, log position of each event
+    item_rows: np.ndarray | None = None
+    """(N, F_item) feature rows of the events' items from the live catalogue, when resolved
+    (:meth:`service.items.LiveCatalogue.with_item_rows`); None: the model's base catalogue."""
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -40,6 +43,7 @@ class EventLog:
             timestamps=self.timestamps[mask],
             end=end,
             positions=self.positions[mask],
+            item_rows=None if self.item_rows is None else self.item_rows[mask],
         )
 
 

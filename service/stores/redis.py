@@ -18,6 +18,12 @@ Two keys are not a user's: ``<prefix>:active`` (sorted set, user -> latest activ
 rollout warms; bounded, written once a second per worker) and ``<prefix>:rollout:cleaned:<state
 version>`` (the lock that lets one worker delete the older states after a rollout).
 
+Items are not a user's: the item table is :data:`ITEM_SHARDS` hashes
+``<prefix>:{i:<shard>}:items`` (shard = id mod ITEM_SHARDS), field = the decimal item id, value =
+its attributes as a JSON object. A bulk lookup is one script call (HMGETs) over the shards it
+touches on a single node, and on a cluster, where the shards' hash tags spread them over the
+masters, one call per shard in one pipeline: a round trip per node, in parallel.
+
 Bounded storage: once a log holds ``limits.trim_at`` (2 · max_history) records, the append that
 crossed it drops the oldest, down to the last ``limits.keep`` (the state's window and half a
 window of slack for fold-outs, :class:`~service.stores.base.HistoryLimits`), so a user costs at
@@ -33,8 +39,11 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from itertools import pairwise
 from typing import Any
 
+import numpy as np
+import orjson
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
@@ -42,6 +51,7 @@ from redis.exceptions import NoScriptError
 from service.stores.base import (
     AppendResult,
     HistoryLimits,
+    ItemAttributes,
     NewEvent,
     SeedHistories,
     StoreError,
@@ -49,7 +59,7 @@ from service.stores.base import (
     UserSnapshot,
 )
 from service.stores.records import RECORD_BYTES, EventLog, pack_record, unpack_log
-from service.stores.redis_client import CLIENT_ERRORS, connect
+from service.stores.redis_client import CLIENT_ERRORS, Client, connect
 
 # KEYS: log, event ids, meta. ARGV: keep, trim at, dedup window, then event id, record, event id,
 # record, ... Returns the count appended. The id check and the APPEND are one script: an event id
@@ -134,6 +144,27 @@ return {blob, redis.call('HGETALL', KEYS[2]), redis.call('STRLEN', KEYS[3]),
         tonumber(redis.call('HGET', KEYS[4], 'start') or '0')}
 """
 
+# KEYS: shards of the item table. ARGV: per shard, its item ids space-separated. Returns each id's
+# value (nil when absent), shard after shard. One argument per shard rather than one per id: the
+# client packs a command's arguments one by one in Python, which for 1000 ids costs more than the
+# round trip itself. HMGET takes the ids 1000 at a time (Lua's unpack has a stack limit).
+_ITEMS_SCRIPT = """
+local found = {}
+for k = 1, #KEYS do
+  local ids = {}
+  for id in string.gmatch(ARGV[k], '%d+') do
+    ids[#ids + 1] = id
+  end
+  for first = 1, #ids, 1000 do
+    local values = redis.call('HMGET', KEYS[k], unpack(ids, first, math.min(first + 999, #ids)))
+    for i = 1, #values do
+      found[#found + 1] = values[i]
+    end
+  end
+end
+return found
+"""
+
 _SCAN_BATCH = 1000
 """Keys one SCAN call examines (its COUNT hint)."""
 
@@ -143,6 +174,11 @@ its poll interval and warm-up of the same rollout)."""
 
 _SEED_CHUNK_USERS = 512
 """Users per seeding pipeline: large enough to amortise round trips, small enough to stream."""
+
+ITEM_SHARDS = 16
+"""Hashes the item table is spread over. Part of the key layout (changing it strands the items
+stored): enough to spread a large catalogue over a cluster's masters (a key migrates whole when
+a slot moves), few enough that a lookup of 1000 ids is 16 commands, not 1000."""
 
 
 class RedisStore:
@@ -162,12 +198,23 @@ class RedisStore:
         self._client = connect(
             url, cluster, max_connections, timeout_seconds, retries, backoff_seconds
         )
+        # On a cluster, the item table is read and written through a client of its own that
+        # does not retry: a cluster pipeline that meets a timeout or a lost connection with
+        # retries left closes every connection of its client (redis-py 8.1), those that
+        # concurrent requests are using included. An item lookup that fails falls back to the
+        # features the worker has; the users' states never share its connections.
+        self._items_client = (
+            connect(url, cluster, max_connections, timeout_seconds, cluster_retries=0)
+            if cluster
+            else self._client
+        )
         # Script objects run by EVALSHA and load themselves on NOSCRIPT (on a cluster, SCRIPT
         # LOAD reaches every master); in pipelines, _evalsha_pipelined does the same.
         self._append = self._client.register_script(_APPEND_SCRIPT)
         self._read = self._client.register_script(_READ_SCRIPT)
         self._put_state = self._client.register_script(_PUT_STATE_SCRIPT)
         self._snapshot = self._client.register_script(_SNAPSHOT_SCRIPT)
+        self._get_items = self._client.register_script(_ITEMS_SCRIPT)
 
     def _key(self, user_id: int, part: str) -> str:
         return f"{self.prefix}:{{u:{user_id}}}:{part}"
@@ -202,21 +249,26 @@ class RedisStore:
         return AppendResult(accepted=accepted, duplicates=len(events) - accepted)
 
     async def _evalsha_pipelined(
-        self, script: AsyncScript, calls: Sequence[tuple[list[str], list[bytes | str | int]]]
+        self,
+        script: AsyncScript,
+        calls: Sequence[tuple[list[str], list[bytes | str | int]]],
+        client: Client | None = None,
     ) -> list[Any]:
         """``script`` once per (keys, args), all in one pipeline: one round trip on a single node,
         one per node (all at once) on a cluster, whose pipeline groups commands by node. Each
-        call's keys are one user's, so each call is one slot.
+        call's keys are one user's, so each call is one slot. ``client``: the one to send with
+        (default: the store's main client).
 
         A node that has not seen the script (a new, restarted or promoted master) answers
         NOSCRIPT to its calls; only those calls are sent again, once the script is loaded on
         every master, so no call runs twice and the counts stay exact.
         """
+        client = client if client is not None else self._client
         results: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
         for _ in range(2):
             # The cluster pipeline refuses pipe.evalsha(); the raw command routes by key.
-            async with self._client.pipeline(transaction=False) as pipe:
+            async with client.pipeline(transaction=False) as pipe:
                 for i in pending:
                     keys, args = calls[i]
                     pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
@@ -231,7 +283,7 @@ class RedisStore:
                     results[i] = answer
             if not missing:
                 return results
-            await self._client.script_load(script.script)
+            await client.script_load(script.script)
             pending = missing
         raise NoScriptError("script still unknown to a node after loading it on every master")
 
@@ -323,6 +375,62 @@ class RedisStore:
                     return UserCount(users=users, complete=False)
         except CLIENT_ERRORS as error:
             raise StoreError(f"redis count_users failed: {error}") from error
+
+    # -- item table -------------------------------------------------------------------------
+
+    def _item_key(self, shard: int) -> str:
+        return f"{self.prefix}:{{i:{shard}}}:items"
+
+    async def put_items(self, items: Mapping[int, Mapping[str, int]]) -> None:
+        by_shard: dict[int, dict[Any, Any]] = defaultdict(dict)
+        for item_id, attributes in items.items():
+            by_shard[item_id % ITEM_SHARDS][str(item_id)] = orjson.dumps(_hash_fields(attributes))
+        if not by_shard:
+            return
+        try:
+            async with self._items_client.pipeline(transaction=False) as pipe:
+                for shard, fields in by_shard.items():
+                    pipe.hset(self._item_key(shard), mapping=fields)
+                await pipe.execute()
+        except CLIENT_ERRORS as error:
+            raise StoreError(f"redis item write failed: {error}") from error
+
+    async def get_items(self, item_ids: Sequence[int]) -> list[ItemAttributes | None]:
+        ids = np.asarray(item_ids, dtype=np.int64)
+        found: list[ItemAttributes | None] = [None] * len(ids)
+        if not len(ids):
+            return found
+        # Positions grouped by shard (vectorised: this runs for every candidate set).
+        shards = ids % ITEM_SHARDS
+        order = np.argsort(shards, kind="stable")
+        bounds = np.searchsorted(shards[order], np.arange(ITEM_SHARDS + 1))
+        calls: list[tuple[list[str], list[bytes | str | int]]] = [
+            ([self._item_key(shard)], [" ".join(map(str, ids[order[start:stop]].tolist()))])
+            for shard, (start, stop) in enumerate(pairwise(bounds.tolist()))
+            if start < stop
+        ]
+        try:
+            if isinstance(self._client, RedisCluster):
+                # A script's keys must share a slot: one call per shard, pipelined per node.
+                answers = await self._evalsha_pipelined(
+                    self._get_items, calls, self._items_client
+                )
+            else:
+                # One node: one call for every shard (each pipelined command costs the client
+                # tens of microseconds, the most of a small lookup).
+                answers = [
+                    await self._get_items(
+                        keys=[key for keys, _ in calls for key in keys],
+                        args=[arg for _, args in calls for arg in args],
+                    )
+                ]
+        except CLIENT_ERRORS as error:
+            raise StoreError(f"redis item read failed: {error}") from error
+        values = [value for answer in answers for value in answer]  # in the order of `order`
+        for position, value in zip(order.tolist(), values, strict=True):
+            if value is not None:
+                found[position] = _decode_item(value)
+        return found
 
     # -- state cache ------------------------------------------------------------------------
 
@@ -431,6 +539,8 @@ class RedisStore:
             raise StoreError(f"redis unreachable: {error}") from error
 
     async def close(self) -> None:
+        if self._items_client is not self._client:
+            await self._items_client.aclose()
         await self._client.aclose()
 
     async def delete_prefix(self) -> int:
@@ -449,6 +559,20 @@ def _glob_escape(text: str) -> str:
 def _hash_fields(attributes: Mapping[str, int]) -> dict[Any, Any]:
     """Profile attributes as HSET fields (redis-py's mapping type is invariant in its keys)."""
     return {str(name): int(value) for name, value in attributes.items()}
+
+
+def _decode_item(value: bytes) -> ItemAttributes | None:
+    """Stored attributes, or None (as if absent) for a value this store did not write: one bad
+    entry must not fail every request that names the item."""
+    try:
+        attributes = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(attributes, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in attributes.values()
+    ):
+        return None
+    return attributes
 
 
 def _decode_profile(raw: dict[Any, Any]) -> dict[str, int]:

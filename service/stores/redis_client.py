@@ -11,7 +11,7 @@ from typing import Any
 import redis.asyncio as redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
 Client = redis.Redis | RedisCluster
@@ -28,6 +28,7 @@ def connect(
     timeout_seconds: float,
     retries: int = 1,
     backoff_seconds: float = 0.01,
+    cluster_retries: int | None = None,
 ) -> Client:
     """A pooled client of one node, or of a Redis Cluster reached through the node ``url`` names,
     with a socket timeout on every call and an explicit retry policy (redis-py's default retries
@@ -40,7 +41,7 @@ def connect(
     slot, and follows MOVED/ASK redirections (resharding) and a failed-over master. It keeps
     serving the slots that have a master while others have none (``require_full_coverage``
     off): one node down fails only the users whose slots it holds. ``max_connections`` is per
-    node on a cluster.
+    node on a cluster. ``cluster_retries`` replaces the cluster client's own retry count.
     """
     options: dict[str, Any] = {
         "max_connections": max_connections,
@@ -52,6 +53,8 @@ def connect(
         # The cluster client retries a command on another attempt after re-learning the slot
         # map (a failover, a moved slot); its bounded default (3 attempts) is kept, since the
         # ASK/MOVED handling below depends on its own connection handling.
+        if cluster_retries is not None:
+            options["retry"] = Retry(NoBackoff(), cluster_retries)
         return _RedisCluster.from_url(url, require_full_coverage=False, **options)
     retry = Retry(
         ExponentialWithJitterBackoff(cap=max(backoff_seconds * 8, 0.0), base=backoff_seconds),

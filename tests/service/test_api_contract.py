@@ -182,7 +182,8 @@ async def test_unknown_items_are_still_ranked_and_counted(client: httpx.AsyncCli
     assert body["unknown_items"] == 3
     assert sorted(item["item_id"] for item in body["items"]) == sorted([1, 2, *unknown])
     metrics = (await client.get("/metrics")).text
-    assert "ifa_unknown_items_total 3.0" in metrics
+    assert 'ifa_unknown_items_total{reason="unknown_id"} 3.0' in metrics
+    assert 'ifa_unknown_items_total{reason="unknown_attribute"} 0.0' in metrics
     assert "ifa_candidates_total 5.0" in metrics
 
 

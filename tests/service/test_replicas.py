@@ -23,7 +23,12 @@ import pytest
 from loadtest.harness import LiveService, LocalCluster, running_service
 from service.api.deps import Services
 from tests.service.test_consistency import ACTIONS, assert_matches, rank
-from tests.support import events_payload, make_settings, service_client
+from tests.support import (
+    TEST_REQUEST_BUDGET_SECONDS,
+    events_payload,
+    make_settings,
+    service_client,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis, pytest.mark.slow]
 
@@ -52,6 +57,9 @@ def replicas(
                 # One process per replica, so that "at most one encode per replica" below is
                 # about replicas (a replica's several workers are replicas of one another too).
                 "IFA_WORKERS": "1",
+                # Answers, not speed: a burst of cold misses on a loaded CI machine may spend the
+                # production state budget and answer degraded (history_length 0).
+                "IFA_REQUEST_BUDGET_SECONDS": str(TEST_REQUEST_BUDGET_SECONDS),
             }
             log = tmp_path / f"replica-{i}.log"
             started.append(stack.enter_context(running_service(decay_artifact_dir, log, env=env)))

@@ -17,7 +17,7 @@ from loadtest.harness import redis_process
 from service.stores.base import HistoryLimits, NewEvent, SeedHistories, Store, StoreError
 from service.stores.memory import MemoryStore
 from service.stores.records import pack_records
-from service.stores.redis import RedisStore
+from service.stores.redis import ITEM_SHARDS, RedisStore
 
 pytestmark = pytest.mark.anyio
 TTL = 3600
@@ -49,6 +49,21 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
         yield store
     finally:
         await store.close()
+
+
+def count_sends(monkeypatch: pytest.MonkeyPatch, command: bytes) -> list[tuple[int, int]]:
+    """From now until ``monkeypatch.undo()``, each write to a Redis connection appends (its
+    node's port, how many ``command`` commands it carries) to the list returned."""
+    sends: list[tuple[int, int]] = []
+    real_send = Connection.send_packed_command
+
+    async def counted_send(self: Connection, packed: Any, check_health: bool = True) -> None:
+        payload = b"".join(packed) if isinstance(packed, list) else bytes(packed)
+        sends.append((int(self.port), payload.count(b"\r\n" + command + b"\r\n")))
+        await real_send(self, packed, check_health)
+
+    monkeypatch.setattr(Connection, "send_packed_command", counted_send)
+    return sends
 
 
 def event(event_id: str, user_id: int, item_id: int, timestamp: float, action: int = 1) -> NewEvent:
@@ -311,17 +326,9 @@ async def test_a_batch_is_one_script_call_per_user_in_one_round_trip_per_node(
     def batch(tag: str) -> list[NewEvent]:
         return [event(f"{tag}-{u}-{i}", u, i, float(i)) for u in users for i in range(10)]
 
-    sends: list[tuple[int, int]] = []  # (port, EVALSHA commands in the send)
-    real_send = Connection.send_packed_command
-
-    async def counted_send(self: Connection, command: Any, check_health: bool = True) -> None:
-        payload = b"".join(command) if isinstance(command, list) else bytes(command)
-        sends.append((int(self.port), payload.count(b"\r\nEVALSHA\r\n")))
-        await real_send(self, command, check_health)
-
     try:
         await store.append_events(batch("warm"))  # connects, learns the topology, loads scripts
-        monkeypatch.setattr(Connection, "send_packed_command", counted_send)
+        sends = count_sends(monkeypatch, b"EVALSHA")
         result = await store.append_events(batch("counted"))
         monkeypatch.undo()
         assert (result.accepted, result.duplicates) == (300, 0)
@@ -331,3 +338,40 @@ async def test_a_batch_is_one_script_call_per_user_in_one_round_trip_per_node(
     ports = [port for port, _ in sends]
     assert len(ports) == len(set(ports))  # one send per node
     assert len(ports) == (3 if backend == "cluster" else 1)  # 30 users span every master
+
+
+async def test_the_item_table_upserts_whole_items_and_looks_them_up_in_bulk(store: Store) -> None:
+    big = 2**63 - 1
+    assert await store.get_items([1, big]) == [None, None]
+    assert await store.get_items([]) == []
+    await store.put_items({1: {"category": 3, "author": 7}, 2: {"category": 1}, big: {"author": 0}})
+    await store.put_items({1: {"author": 9}})  # replaces item 1's attributes as a whole
+    spread = list(range(100, 164))  # every shard of the table
+    await store.put_items({i: {"category": i % 8, "author": -i} for i in spread})
+    found = await store.get_items([2, 5, 1, big, *spread, 10**12])
+    assert found[:4] == [{"category": 1}, None, {"author": 9}, {"author": 0}]
+    assert found[4:-1] == [{"category": i % 8, "author": -i} for i in spread]
+    assert found[-1] is None
+
+
+@pytest.mark.parametrize("backend", REDIS_BACKENDS)
+async def test_an_item_lookup_is_one_round_trip_per_node(
+    request: pytest.FixtureRequest, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A candidate set's item lookup is one script call on a single node, and on a cluster one
+    per shard of the item table, every call to a node written in one send: 1000 ids cost a
+    round trip per node."""
+    store, _ = open_redis(request, backend)
+    ids = list(range(5000, 6000))
+    try:
+        await store.put_items({i: {"category": 1} for i in ids[::2]})  # connects, learns nodes
+        sends = count_sends(monkeypatch, b"EVALSHA")
+        found = await store.get_items(ids)
+        monkeypatch.undo()
+    finally:
+        await store.close()
+    assert found == [{"category": 1} if i % 2 == 0 else None for i in ids]
+    assert sum(calls for _, calls in sends) == (ITEM_SHARDS if backend == "cluster" else 1)
+    ports = [port for port, _ in sends]
+    assert len(ports) == len(set(ports))  # one send per node
+    assert len(ports) == (3 if backend == "cluster" else 1)  # the shards span every master
