@@ -1,4 +1,5 @@
-"""A store wrapper that times every operation and counts failures, whatever the backend."""
+"""A store wrapper that times every operation and counts failures, whatever the backend; a
+client's internal fault on a torn-down connection becomes the :class:`StoreError` it is."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from service.stores.base import (
     NewEvent,
     SeedHistories,
     Store,
+    StoreError,
     UserCount,
     UserSnapshot,
 )
 from service.stores.records import EventLog
+from service.stores.redis_client import torn_connection
 
 
 class InstrumentedStore:
@@ -29,6 +32,11 @@ class InstrumentedStore:
         started = time.perf_counter()
         try:
             yield
+        except AttributeError as error:
+            self.metrics.store_errors.labels(operation=operation).inc()
+            if torn_connection(error):
+                raise StoreError(f"{operation}: connection torn down mid-command") from error
+            raise
         except BaseException:
             self.metrics.store_errors.labels(operation=operation).inc()
             raise

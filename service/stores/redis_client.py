@@ -6,6 +6,7 @@ raises when the store cannot answer.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import redis.asyncio as redis
@@ -19,6 +20,22 @@ Client = redis.Redis | RedisCluster
 CLIENT_ERRORS = (RedisError, RedisClusterException)
 """What the clients raise when the store cannot answer; the cluster client's own errors (a slot
 with no master: ``SlotNotCoveredError``, no node reachable at start) are not RedisErrors."""
+
+
+def torn_connection(error: BaseException) -> bool:
+    """Whether ``error`` is redis-py failing on a connection that another task's retry tore down.
+
+    The cluster client answers a connection error in a pipeline by disconnecting every
+    connection of the client, including ones other tasks are writing on at that moment; those
+    writes then fail inside redis-py with ``AttributeError: 'NoneType' object has no attribute
+    'writelines'`` rather than a ``RedisError`` (seen with a master killed under traffic). It is
+    the store failing, not a bug of ours, so callers treat it as one."""
+    if not isinstance(error, AttributeError) or error.__traceback__ is None:
+        return False
+    frame = error.__traceback__
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    return f"{os.sep}redis{os.sep}" in frame.tb_frame.f_code.co_filename
 
 
 def connect(

@@ -375,3 +375,31 @@ async def test_an_item_lookup_is_one_round_trip_per_node(
     ports = [port for port, _ in sends]
     assert len(ports) == len(set(ports))  # one send per node
     assert len(ports) == (3 if backend == "cluster" else 1)  # the shards span every master
+
+
+def _attribute_error_raised_in(filename: str) -> AttributeError:
+    try:
+        eval(compile("None.writelines", filename, "eval"))
+    except AttributeError as error:
+        return error
+    raise AssertionError("expected an AttributeError")
+
+
+def test_a_torn_connection_inside_the_client_is_a_store_error_and_ours_stays_a_bug() -> None:
+    from service.metrics import Metrics
+    from service.stores.instrumented import InstrumentedStore
+
+    class Failing(MemoryStore):
+        error: BaseException
+
+        async def append_events(self, events):
+            raise self.error
+
+    inner = Failing()
+    store = InstrumentedStore(inner, Metrics())
+    inner.error = _attribute_error_raised_in("/venv/lib/redis/asyncio/connection.py")
+    with pytest.raises(StoreError, match="torn down"):
+        asyncio.run(store.append_events([]))
+    inner.error = _attribute_error_raised_in("/work/service/stores/redis.py")
+    with pytest.raises(AttributeError):
+        asyncio.run(store.append_events([]))
