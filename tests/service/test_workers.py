@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.harness import REPO_ROOT, running_service
+from loadtest.harness import REPO_ROOT, running_service, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
@@ -66,9 +66,18 @@ def test_two_workers_serve_one_port_and_one_scrape_sums_them(
         "IFA_REDIS_PREFIX": redis_prefix,
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
     }
+    log = tmp_path / "service.log"
     with running_service(
-        artifact_dir, tmp_path / "service.log", env=env, timeout=120, args=["--workers", "2"]
+        artifact_dir, log, env=env, timeout=120, args=["--workers", "2"]
     ) as service:
+        # Ready means one worker answers; on a loaded machine the other may still be loading
+        # its model, and would then take no connection.
+        wait_until(
+            lambda: log.read_text().count("Application startup complete") >= 2,
+            120,
+            "both workers started",
+            log=log,
+        )
         body = {"user_id": 5, "candidate_ids": list(range(100)), "k": 3}
 
         def rank(_: int) -> int:
