@@ -57,7 +57,13 @@ FAIR_NETS: tuple[str, ...] = (
 )  # fmt: skip
 IFA_NETS: tuple[str, ...] = ("ifa_no_degree", "ifa", "ifa_no_ram")
 MOVIELENS_NETS: tuple[str, ...] = (*FAIR_NETS, "ifa_no_ram")
-FAIR_PRESETS: tuple[str, ...] = ("study_mixed", "study_count", "study_share", "study_recent")
+FAIR_PRESETS: tuple[str, ...] = (
+    "study_mixed",
+    "study_count",
+    "study_share",
+    "study_recent",
+    "study_long",
+)
 WORLD_SEED = 1
 """Seed of every reported world; the tuning world is medium with seed 0."""
 TUNING_WORLD = "medium-0"
