@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from model.experiments.common import _matches
+from model.experiments.common import _matches, cached_run
 from model.nets import net_config
 from model.train import TrainSettings
 
@@ -32,3 +33,17 @@ def test_a_cached_run_from_before_a_config_default_changed_is_retrained():
     stale = _metrics_of(settings)
     stale["config"]["degree_feature"] = not stale["config"]["degree_feature"]
     assert not _matches(stale, settings)
+
+
+def test_a_run_older_than_its_world_is_retrained(tmp_path: Path):
+    world, out = tmp_path / "world", tmp_path / "run"
+    world.mkdir()
+    out.mkdir()
+    settings = TrainSettings(world, net="ifa", net_overrides={"key_dim": 32})
+    (world / "world.json").write_text("{}")
+    (out / "metrics.json").write_text(json.dumps(_metrics_of(settings)))
+    os.utime(world / "world.json", (1_000, 1_000))
+    os.utime(out / "metrics.json", (2_000, 2_000))
+    assert cached_run(out, settings, world) is not None
+    os.utime(world / "world.json", (3_000, 3_000))  # the world was generated again since
+    assert cached_run(out, settings, world) is None

@@ -194,6 +194,17 @@ def _matches(metrics: dict[str, Any], settings: TrainSettings) -> bool:
     return bool(metrics.get("config") == config)
 
 
+def cached_run(out: Path, settings: TrainSettings, world: Path) -> dict[str, Any] | None:
+    """The metrics of the run cached in ``out`` if it was trained with ``settings`` on the world
+    now at ``world``: a run older than the world's ``world.json`` was trained on an earlier
+    world generated at that path (a preset changed since), whatever its settings say."""
+    path = out / "metrics.json"
+    if not path.is_file() or path.stat().st_mtime < (world / "world.json").stat().st_mtime:
+        return None
+    metrics: dict[str, Any] = json.loads(path.read_text())
+    return metrics if _matches(metrics, settings) else None
+
+
 def run_dir(options: Options, world: Path, protocol: Protocol, net: str, seed: int) -> Path:
     """Where the run of ``net`` with ``seed`` on ``world`` under ``protocol`` is cached."""
     return options.runs / world.name / protocol.tag / f"{SAME_RUNS.get(net, net)}-seed{seed}"
@@ -214,9 +225,9 @@ def run_grid(
         for seed in seeds:
             out = run_dir(options, world, protocol, net, seed)
             settings = protocol.settings(world, net, seed, out)
-            cached = out / "metrics.json"
-            if cached.is_file() and _matches(json.loads(cached.read_text()), settings):
-                _store(results, nets, net, seed, json.loads(cached.read_text()))
+            cached = cached_run(out, settings, world)
+            if cached is not None:
+                _store(results, nets, net, seed, cached)
             elif not options.cached_only:
                 pending.append((net, seed, settings))
     if pending:
