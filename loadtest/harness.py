@@ -343,12 +343,14 @@ def running_service(
     env: Mapping[str, str] | None = None,
     timeout: float = 300,
     args: Sequence[str] = (),
+    root: Path = REPO_ROOT,
 ) -> Iterator[LiveService]:
     """``python -m service`` on a free port of 127.0.0.1 until ``/readyz`` answers 200.
 
     ``env`` gives the ``IFA_*`` settings (inherited ``IFA_*`` and ``REDIS_URL`` are dropped, so the
     service runs with what the caller asked for and nothing else) and ``args`` extra command-line
-    flags; the process is stopped on exit. Start-up includes seeding the store when
+    flags; the process is stopped on exit. ``root`` is the source tree it runs from (another
+    revision's checkout, for a side-by-side benchmark). Start-up includes seeding the store when
     ``IFA_SEED_WORLD`` is set, hence the generous default timeout.
     """
     port = free_port()
@@ -358,10 +360,12 @@ def running_service(
     inherited = {
         k: v for k, v in os.environ.items() if not k.startswith("IFA_") and k != "REDIS_URL"
     }
+    if root != REPO_ROOT:
+        inherited["PYTHONPATH"] = str(root)  # not this checkout's modules
     with log.open("w") as log_file:
         process = subprocess.Popen(
             command,
-            cwd=REPO_ROOT,
+            cwd=root,
             env=inherited | dict(env or {}),
             stdout=log_file,
             stderr=subprocess.STDOUT,

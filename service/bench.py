@@ -12,6 +12,12 @@ the state cached (hit) and not (miss: the whole history is encoded), it measures
   state fetch on loopback;
 * the featurize stage at M = 1000 on the Redis store with 0 %, 10 % and 100 % of the candidates
   outside the worker's item cache (fetched from the item table in the request), side by side.
+* CPU per request of the service as deployed (``python -m service`` with its defaults, Redis
+  store, histories of N events, M = 1000): the on-CPU time of its processes (Linux schedstat)
+  over an open-loop stream of /rank, then of /events, divided by the requests served. With
+  ``--baseline REV`` the same runs against that revision's service, started beside this one and
+  measured in alternating blocks, so that both see the same machine load. CPU time, unlike
+  latency, does not grow when other processes compete for the cores.
 
 Results go to results/service_bench.{md,json}. Without --model-dir (or ./artifacts/LATEST) it
 serves an untrained IFA of the default spec with a synthetic 100k-item catalogue: latency does
@@ -25,21 +31,28 @@ import asyncio
 import json
 import os
 import platform
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.harness import running_service
+from loadtest.capacity import process_tree_seconds
+from loadtest.harness import REPO_ROOT, LiveService, running_service, warm_state_cache
+from loadtest.openloop import PreparedRequest, poisson_schedule, prepare_post, run_open_loop
+from loadtest.traffic import Traffic, TrafficConfig
 from service.app import create_app
 from service.settings import Settings
 from service.stores.base import SeedHistories
@@ -383,6 +396,132 @@ async def redis_state(url: str, prefix: str, version: str, fetches: int) -> dict
         await store.close()
 
 
+# -- CPU per request, the service as deployed --------------------------------------------------
+
+CPU_USERS = 100
+CPU_CANDIDATES = 1000
+CPU_RATE = 100.0
+"""Offered req/s of the CPU blocks: well inside both revisions' capacity, so that nothing
+queues and the figure is the work of a request, not of a backlog."""
+CPU_ROUTES = ("/rank", "/events")
+MIX = {"/rank": 4, "/events": 1}
+"""The load tests' mix: the CPU of an average request is the weighted mean of the routes'."""
+
+
+@contextmanager
+def checkout(revision: str) -> Iterator[Path]:
+    """A temporary copy of this repository's tree at ``revision`` (``git archive``)."""
+    tree = subprocess.run(
+        ["git", "archive", "--format=tar", revision], cwd=REPO_ROOT, check=True,
+        capture_output=True,
+    ).stdout  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="ifa-bench-baseline-") as scratch:
+        subprocess.run(["tar", "-x", "-C", scratch], input=tree, check=True)
+        yield Path(scratch)
+
+
+def cpu_requests(traffic: Traffic, url: str, route: str, count: int) -> list[PreparedRequest]:
+    if route == "/rank":
+        bodies = [traffic.rank_body() for _ in range(count)]
+        return [prepare_post(url, route, orjson.dumps(b), traffic.expected_items(b))
+                for b in bodies]  # fmt: skip
+    return [prepare_post(url, route, orjson.dumps(traffic.events_body())) for _ in range(count)]
+
+
+def cpu_block(
+    service: LiveService,
+    traffic: Traffic,
+    route: str,
+    seconds: float,
+    rng: np.random.Generator,
+    strict: bool = True,
+) -> float:
+    """CPU ms per request of ``route`` over an open-loop Poisson stream of :data:`CPU_RATE`;
+    ``strict``: raise if any request failed (a 503 costs less CPU than an answer)."""
+    schedule = poisson_schedule(CPU_RATE, seconds, rng)
+    requests = cpu_requests(traffic, service.url, route, len(schedule))
+    before, _ = process_tree_seconds(service.process.pid)
+    run = run_open_loop(service.url, schedule, requests, warm_connections=8)
+    after, _ = process_tree_seconds(service.process.pid)
+    failed = [o.status for o in run.outcomes if not o.ok]
+    if failed and strict:
+        raise RuntimeError(f"{len(failed)} of {len(run.outcomes)} {route} failed: {failed[:5]}")
+    return 1000.0 * (after - before) / len(run.outcomes)
+
+
+def cpu_per_request(
+    model_dir: Path,
+    redis_url: str,
+    roots: dict[str, Path],
+    item_ids: np.ndarray,
+    rounds: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """CPU ms per request of each route, per service (label: source tree), in alternating
+    blocks: every round measures each service once, in turn, route after route."""
+    users = list(range(CPU_USERS))
+    prefixes = {label: f"ifa-bench-cpu-{uuid.uuid4().hex[:8]}" for label in roots}
+    blocks: dict[str, dict[str, list[float]]] = {
+        label: {route: [] for route in CPU_ROUTES} for label in roots
+    }
+    with ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ifa-bench-cpu-")))
+        services: dict[str, LiveService] = {}
+        for label, root in roots.items():
+            stack.callback(asyncio.run, drop_prefix(redis_url, prefixes[label]))
+            asyncio.run(seed_prefix(redis_url, prefixes[label], histories(users, item_ids, 3)))
+            env = {"IFA_STORE": "redis", "IFA_REDIS_URL": redis_url,
+                   "IFA_REDIS_PREFIX": prefixes[label]}  # fmt: skip
+            services[label] = stack.enter_context(
+                running_service(
+                    model_dir,
+                    scratch / f"service-{label}.log",
+                    env,
+                    args=["--log-level", "warning"],
+                    root=root,
+                )
+            )
+            warm_state_cache(services[label].url, users, item_ids[:CPU_CANDIDATES].tolist())
+        config = TrafficConfig(candidates=CPU_CANDIDATES)
+        rng = np.random.default_rng(5)
+        order = list(roots)
+        for label in order:  # unrecorded: the first requests of a worker pay for warming up
+            traffic = Traffic(config, users, item_ids.tolist())
+            cpu_block(services[label], traffic, "/rank", 5, rng, strict=False)
+        for round_ in range(rounds):
+            for label in order if round_ % 2 == 0 else order[::-1]:
+                traffic = Traffic(config, users, item_ids.tolist())
+                for route in CPU_ROUTES:
+                    blocks[label][route].append(
+                        cpu_block(services[label], traffic, route, seconds, rng)
+                    )
+                print(f"  round {round_ + 1}, {label}: " + ", ".join(
+                    f"{route} {blocks[label][route][-1]:.2f}" for route in CPU_ROUTES
+                ) + " CPU ms per request", flush=True)  # fmt: skip
+    results: dict[str, Any] = {}
+    for label, routes in blocks.items():
+        medians = {route: statistics.median(values) for route, values in routes.items()}
+        mixed = sum(MIX[r] * medians[r] for r in CPU_ROUTES) / sum(MIX.values())
+        results[label] = {"blocks": routes, "median_ms": medians, "mix_ms": mixed}
+    return results
+
+
+async def seed_prefix(redis_url: str, prefix: str, seed: SeedHistories) -> None:
+    store = RedisStore(redis_url, prefix=prefix)
+    try:
+        await store.seed(seed)
+    finally:
+        await store.close()
+
+
+async def drop_prefix(redis_url: str, prefix: str) -> None:
+    store = RedisStore(redis_url, prefix=prefix)
+    try:
+        await store.delete_prefix()
+    finally:
+        await store.close()
+
+
 # -- report -----------------------------------------------------------------------------------
 
 
@@ -390,6 +529,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Service benchmark",
         "",
+        f"Generated by `{report['command']}`. "
         f"{report['machine']}; torch threads {report['torch_threads']}; model "
         f"{report['model_version']} ({report['model']}); N = {HISTORY} events per history; "
         f"{report['seconds']:.0f} s; 1-minute load average {report['load_average_at_start']:.1f} "
@@ -398,6 +538,52 @@ def markdown(report: dict[str, Any]) -> str:
         "Times in ms.",
         "",
     ]
+    if "cpu" in report:
+        lines += cpu_markdown(report)
+    if "http" in report:
+        lines += latency_markdown(report)
+    return "\n".join(lines)
+
+
+def cpu_markdown(report: dict[str, Any]) -> list[str]:
+    setup, runs = report["cpu_setup"], report["cpu"]
+    lines = [
+        "## CPU per request of the deployed service",
+        "",
+        f"`python -m service` with its defaults (one worker per CPU, program format auto, the "
+        f"scorer inline), Redis store, {setup['users']} users with {setup['history']}-event "
+        f"histories (states cached), /rank of M = {setup['candidates']}, k = 50; /events of 10 "
+        f"events. Open-loop Poisson arrivals at {setup['rate']:g} req/s from the generator of "
+        f"loadtest/openloop.py, {setup['seconds']:g} s per route and block, {setup['rounds']} "
+        "blocks per service; where two trees are listed their services ran side by side and "
+        "were measured in alternating blocks. CPU = on-CPU time of the service's processes "
+        "(schedstat) over the block ÷ requests served; the figure is the median block, the "
+        "4:1 mix the load tests' /rank:/events weighting of the medians.",
+        "",
+        "| tree | /rank CPU ms | /events CPU ms | 4:1 mix CPU ms | /rank blocks |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for label, run in runs.items():
+        median = run["median_ms"]
+        blocks = ", ".join(f"{v:.2f}" for v in run["blocks"]["/rank"])
+        lines.append(
+            f"| {label} | {median['/rank']:.2f} | {median['/events']:.2f} | "
+            f"{run['mix_ms']:.2f} | {blocks} |"
+        )
+    if len(runs) == 2:
+        (old_label, old), (new_label, new) = runs.items()
+        lines += [
+            "",
+            f"{new_label} against {old_label}: /rank "
+            f"{new['median_ms']['/rank'] / old['median_ms']['/rank']:.2f}×, /events "
+            f"{new['median_ms']['/events'] / old['median_ms']['/events']:.2f}×, the 4:1 mix "
+            f"{new['mix_ms'] / old['mix_ms']:.2f}× the CPU per request.",
+        ]
+    return [*lines, ""]
+
+
+def latency_markdown(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     for name, runs in report["in_process"].items():
         lines += [
             f"## In-process, {name} store: stages p50 / p99",
@@ -488,7 +674,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{'yes' if r['fetch']['p99_ms'] <= 1.0 else 'no'} |",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 async def run(args: argparse.Namespace, model_dir: Path, model_label: str) -> dict[str, Any]:
@@ -499,8 +685,6 @@ async def run(args: argparse.Namespace, model_dir: Path, model_label: str) -> di
     model = load_artifact(model_dir)
     item_ids = model.catalogue.item_ids.copy()
     version = model.manifest.version
-    prefix = f"ifa-bench-{uuid.uuid4().hex[:8]}"
-    common = {"model_dir": model_dir, "torch_threads": args.torch_threads, "log_level": "warning"}
     report: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), "
         f"Python {platform.python_version()}, torch {torch.__version__}",
@@ -511,6 +695,36 @@ async def run(args: argparse.Namespace, model_dir: Path, model_label: str) -> di
         "in_process": {},
     }
     print(f"model {version} ({model_label})", flush=True)
+    if "latency" in args.parts:
+        await latency(args, model_dir, model, report)
+    if "cpu" in args.parts:
+        print("CPU per request over HTTP (the service's defaults, Redis store) ...", flush=True)
+        with ExitStack() as stack:
+            roots = {"this tree": REPO_ROOT}
+            if args.baseline is not None:
+                roots = {args.baseline: stack.enter_context(checkout(args.baseline))} | roots
+            report["cpu"] = await asyncio.to_thread(
+                cpu_per_request, model_dir, args.redis_url, roots, item_ids, args.cpu_rounds,
+                args.cpu_seconds,
+            )  # fmt: skip
+        report["cpu_setup"] = {
+            "rate": CPU_RATE, "seconds": args.cpu_seconds, "rounds": args.cpu_rounds,
+            "users": CPU_USERS, "candidates": CPU_CANDIDATES, "history": HISTORY,
+        }  # fmt: skip
+    report["command"] = "python -m service.bench " + " ".join(args.argv)
+    report["seconds"] = time.perf_counter() - started
+    report["load_average_at_end"] = os.getloadavg()[0]
+    return report
+
+
+async def latency(
+    args: argparse.Namespace, model_dir: Path, model: Any, report: dict[str, Any]
+) -> None:
+    """The in-process and over-HTTP latency breakdowns, into ``report``."""
+    item_ids = model.catalogue.item_ids.copy()
+    version = model.manifest.version
+    prefix = f"ifa-bench-{uuid.uuid4().hex[:8]}"
+    common = {"model_dir": model_dir, "torch_threads": args.torch_threads, "log_level": "warning"}
     memory = Settings(**common)
     redis_settings = Settings(**common, store="redis", redis_url=args.redis_url,
                               redis_prefix=prefix)  # fmt: skip
@@ -576,9 +790,6 @@ async def run(args: argparse.Namespace, model_dir: Path, model_label: str) -> di
     report["http_overhead_at_1000"] = {
         "overhead_ms": http_overhead, "forward_ms": forward, "ratio": http_overhead / forward,
     }  # fmt: skip
-    report["seconds"] = time.perf_counter() - started
-    report["load_average_at_end"] = os.getloadavg()[0]
-    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -598,7 +809,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument(
+        "--parts", type=lambda text: set(text.split(",")), default={"latency", "cpu"},
+        help="comma list of latency (in-process and HTTP breakdowns) and cpu (CPU per request "
+        "of the deployed service); default both",
+    )  # fmt: skip
+    parser.add_argument(
+        "--baseline", metavar="REV",
+        help="also measure the CPU per request of this git revision's service, side by side",
+    )  # fmt: skip
+    parser.add_argument("--cpu-rounds", type=int, default=3, help="alternating blocks per service")
+    parser.add_argument("--cpu-seconds", type=float, default=10.0, help="seconds per route block")
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
 
     with tempfile.TemporaryDirectory(prefix="ifa-bench-") as scratch:
         model_dir = args.model_dir
