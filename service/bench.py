@@ -136,9 +136,10 @@ class Recorder:
 class LoopCpuTimer:
     """ASGI wrapper: the event-loop thread's CPU time per request.
 
-    Everything of a /rank but the scorer and encoder runs on the loop thread (the model runs on
-    the executor's), so this is the serving work in CPU seconds: unlike wall time, it does not
-    grow when other processes compete for the cores.
+    Everything of a /rank but the model runs on the loop thread, and with inline model execution
+    (the default) the scorer does too; the scorer's own CPU time, measured around it, is then
+    subtracted (:func:`summarise`), which leaves the serving work in CPU seconds: unlike wall
+    time, it does not grow when other processes compete for the cores.
     """
 
     def __init__(self, app: Any, recorder: Recorder) -> None:
@@ -204,11 +205,15 @@ async def in_process(
                     response = await client.post("/rank", json=body(user, candidates[i % 8]))
                     assert response.status_code == 200, response.text
                     assert response.json()["state_cache"] == cache
-                results[f"{cache}/{m}"] = summarise(recorder.requests)
+                results[f"{cache}/{m}"] = summarise(
+                    recorder.requests, inline=settings.model_execution == "inline"
+                )
     return results
 
 
-def summarise(requests: list[dict[str, float]]) -> dict[str, Any]:
+def summarise(requests: list[dict[str, float]], inline: bool) -> dict[str, Any]:
+    """Stage and server percentiles; ``inline``: the scorer ran on the loop thread, so its CPU
+    is taken out of the loop thread's to give the serving CPU."""
     stages = {s: percentiles([r.get(s, 0.0) for r in requests]) for s in STAGES}
     overhead = [r["request"] - r.get("forward", 0.0) - r.get("encode", 0.0) for r in requests]
     return {
@@ -216,7 +221,9 @@ def summarise(requests: list[dict[str, float]]) -> dict[str, Any]:
         "server": percentiles([r["request"] for r in requests]),
         "overhead": percentiles(overhead),
         "forward_cpu": percentiles([r.get("forward_cpu", 0.0) for r in requests]),
-        "serving_cpu": percentiles([r["request_cpu"] for r in requests]),
+        "serving_cpu": percentiles(
+            [r["request_cpu"] - (r.get("forward_cpu", 0.0) if inline else 0.0) for r in requests]
+        ),
     }
 
 
@@ -404,6 +411,8 @@ CPU_RATE = 100.0
 """Offered req/s of the CPU blocks: well inside both revisions' capacity, so that nothing
 queues and the figure is the work of a request, not of a backlog."""
 CPU_ROUTES = ("/rank", "/events")
+CPU_FAILURES_TOLERATED = 0.01
+"""Share of a block's requests that may fail (a 503 when the shared machine stalls a worker)."""
 MIX = {"/rank": 4, "/events": 1}
 """The load tests' mix: the CPU of an average request is the weighted mean of the routes'."""
 
@@ -435,18 +444,19 @@ def cpu_block(
     seconds: float,
     rng: np.random.Generator,
     strict: bool = True,
-) -> float:
-    """CPU ms per request of ``route`` over an open-loop Poisson stream of :data:`CPU_RATE`;
-    ``strict``: raise if any request failed (a 503 costs less CPU than an answer)."""
+) -> tuple[float, int]:
+    """CPU ms per request of ``route`` over an open-loop Poisson stream of :data:`CPU_RATE`, and
+    the requests that failed. ``strict``: raise when more than :data:`CPU_FAILURES_TOLERATED`
+    of them failed (a refusal costs less CPU than an answer, so the figure would flatter)."""
     schedule = poisson_schedule(CPU_RATE, seconds, rng)
     requests = cpu_requests(traffic, service.url, route, len(schedule))
     before, _ = process_tree_seconds(service.process.pid)
     run = run_open_loop(service.url, schedule, requests, warm_connections=8)
     after, _ = process_tree_seconds(service.process.pid)
     failed = [o.status for o in run.outcomes if not o.ok]
-    if failed and strict:
+    if strict and len(failed) > CPU_FAILURES_TOLERATED * len(run.outcomes):
         raise RuntimeError(f"{len(failed)} of {len(run.outcomes)} {route} failed: {failed[:5]}")
-    return 1000.0 * (after - before) / len(run.outcomes)
+    return 1000.0 * (after - before) / len(run.outcomes), len(failed)
 
 
 def cpu_per_request(
@@ -464,6 +474,7 @@ def cpu_per_request(
     blocks: dict[str, dict[str, list[float]]] = {
         label: {route: [] for route in CPU_ROUTES} for label in roots
     }
+    failures = dict.fromkeys(roots, 0)
     with ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ifa-bench-cpu-")))
         services: dict[str, LiveService] = {}
@@ -492,9 +503,9 @@ def cpu_per_request(
             for label in order if round_ % 2 == 0 else order[::-1]:
                 traffic = Traffic(config, users, item_ids.tolist())
                 for route in CPU_ROUTES:
-                    blocks[label][route].append(
-                        cpu_block(services[label], traffic, route, seconds, rng)
-                    )
+                    cpu, failed = cpu_block(services[label], traffic, route, seconds, rng)
+                    blocks[label][route].append(cpu)
+                    failures[label] += failed
                 print(f"  round {round_ + 1}, {label}: " + ", ".join(
                     f"{route} {blocks[label][route][-1]:.2f}" for route in CPU_ROUTES
                 ) + " CPU ms per request", flush=True)  # fmt: skip
@@ -502,7 +513,9 @@ def cpu_per_request(
     for label, routes in blocks.items():
         medians = {route: statistics.median(values) for route, values in routes.items()}
         mixed = sum(MIX[r] * medians[r] for r in CPU_ROUTES) / sum(MIX.values())
-        results[label] = {"blocks": routes, "median_ms": medians, "mix_ms": mixed}
+        results[label] = {
+            "blocks": routes, "median_ms": medians, "mix_ms": mixed, "failures": failures[label],
+        }  # fmt: skip
     return results
 
 
@@ -557,18 +570,20 @@ def cpu_markdown(report: dict[str, Any]) -> list[str]:
         f"loadtest/openloop.py, {setup['seconds']:g} s per route and block, {setup['rounds']} "
         "blocks per service; where two trees are listed their services ran side by side and "
         "were measured in alternating blocks. CPU = on-CPU time of the service's processes "
-        "(schedstat) over the block ÷ requests served; the figure is the median block, the "
-        "4:1 mix the load tests' /rank:/events weighting of the medians.",
+        "(schedstat) over the block ÷ requests sent; the figure is the median block, the "
+        "4:1 mix the load tests' /rank:/events weighting of the medians; failed: requests "
+        "without a 2xx answer of k items, over all blocks (a block with more than "
+        f"{CPU_FAILURES_TOLERATED:.0%} failed stops the run).",
         "",
-        "| tree | /rank CPU ms | /events CPU ms | 4:1 mix CPU ms | /rank blocks |",
-        "|---|---:|---:|---:|---|",
+        "| tree | /rank CPU ms | /events CPU ms | 4:1 mix CPU ms | /rank blocks | failed |",
+        "|---|---:|---:|---:|---|---:|",
     ]
     for label, run in runs.items():
         median = run["median_ms"]
         blocks = ", ".join(f"{v:.2f}" for v in run["blocks"]["/rank"])
         lines.append(
             f"| {label} | {median['/rank']:.2f} | {median['/events']:.2f} | "
-            f"{run['mix_ms']:.2f} | {blocks} |"
+            f"{run['mix_ms']:.2f} | {blocks} | {run['failures']} |"
         )
     if len(runs) == 2:
         (old_label, old), (new_label, new) = runs.items()
@@ -654,7 +669,7 @@ def latency_markdown(report: dict[str, Any]) -> list[str]:
             f"≤ {OVERHEAD_TARGET:.0%} | {'yes' if row['ratio'] <= OVERHEAD_TARGET else 'no'} |"
         )
         lines.append(
-            f"| the same in CPU time: loop thread / scorer thread, {store} (p50) | "
+            f"| the same in CPU time: serving / scorer, {store} (p50) | "
             f"{row['serving_cpu_ms']:.2f} / {row['forward_cpu_ms']:.2f} ms = "
             f"{row['cpu_ratio']:.0%} | ≤ {OVERHEAD_TARGET:.0%} | "
             f"{'yes' if row['cpu_ratio'] <= OVERHEAD_TARGET else 'no'} |"
