@@ -102,8 +102,8 @@ WORLD_NOTES = {
     "study_recent": "recency dominates: the share of the last 20 events related to the "
     "candidate drives every action (weights 3 / 2 / 2), whole-history engagement weighs 0.3",
     "movielens": "real ratings (MovieLens 100K), no known truth",
-    "study_long": "long lifelong histories: median about 2,500 events, up to 50,000, all kept "
-    f"(max_history = {LONG_WINDOW:,})",
+    "study_long": "long lifelong histories: 1,000 users, median about 3,000 events, up to "
+    f"50,000, all kept (max_history = {LONG_WINDOW:,})",
 }
 
 
