@@ -48,17 +48,37 @@ AUTO_FORMAT = "auto"
 (:func:`resolve_format`)."""
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+"""Scorer precisions: "bf16" runs the objective towers in bfloat16 (model.serving.bf16_scorer);
+the encoder is always fp32."""
+AUTO_PRECISION = "auto"
+"""What :func:`load_artifact` also accepts: bf16 where the CPU has bfloat16 arithmetic and the
+artefact holds a bf16 scorer in the chosen format, fp32 otherwise (:func:`resolve_precision`)."""
 
 MANIFEST_FILE = "manifest.json"
 CATALOGUE_FILE = "catalogue.parquet"
 CHECKPOINT_FILE = "checkpoint.pt"
 LATEST_FILE = "LATEST"
 PROGRAM_FILES: dict[str, dict[str, str]] = {
-    "torchscript": {"encoder": "torchscript/encoder.pt", "scorer": "torchscript/scorer.pt"},
-    "export": {"encoder": "export/encoder.pt2", "scorer": "export/scorer.pt2"},
-    "aoti": {"encoder": "aoti/encoder.pt2", "scorer": "aoti/scorer.pt2"},
+    "torchscript": {
+        "encoder": "torchscript/encoder.pt",
+        "scorer": "torchscript/scorer.pt",
+        "scorer_bf16": "torchscript/scorer-bf16.pt",
+    },
+    "export": {
+        "encoder": "export/encoder.pt2",
+        "scorer": "export/scorer.pt2",
+        "scorer_bf16": "export/scorer-bf16.pt2",
+    },
+    "aoti": {
+        "encoder": "aoti/encoder.pt2",
+        "scorer": "aoti/scorer.pt2",
+        "scorer_bf16": "aoti/scorer-bf16.pt2",
+    },
     "eager": {"checkpoint": CHECKPOINT_FILE},
 }
+"""Program files by format and role; a format's bf16 scorer ("scorer_bf16") is built only
+where the export asked for bf16."""
+SCORER_ROLES: dict[str, str] = {"fp32": "scorer", "bf16": "scorer_bf16"}
 MANIFEST_SCHEMA = 1
 
 ENCODE_CHUNK = 1 << 14
@@ -140,7 +160,8 @@ class Manifest:
     """(H,) per-second exponential decay of the state; all zeros when decay is off."""
     dtype: str
     files: dict[str, dict[str, str]]
-    """Per built format, role -> path relative to the artefact directory."""
+    """Per built format, role -> path relative to the artefact directory ("scorer_bf16" where
+    the bf16 scorer was built; "eager" builds it at load time from the checkpoint)."""
     formats: dict[str, dict[str, Any]]
     """Per requested format: status ("ok" | "failed"), seconds, bytes, max_abs_error, error."""
     created_at: str
@@ -285,7 +306,7 @@ class ServingModel(Protocol):
 
     @property
     def precision(self) -> str:
-        """"fp32", or "bf16" (the programs run under bfloat16 autocast)."""
+        """The scorer's: "fp32", or "bf16" (its objective towers in bfloat16)."""
         ...
 
     @property
@@ -375,11 +396,6 @@ class ProgramModel:
     def version(self) -> str:
         return self._manifest.version
 
-    def _arithmetic(self) -> torch.autocast:
-        """bf16: matmuls and other autocast-listed ops in bfloat16, the rest (sums, softmax-like
-        normalisations) in float32, as torch's CPU autocast policy decides."""
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._precision == "bf16")
-
     @property
     def decay_rates(self) -> Tensor:
         return self._decay.clone()
@@ -398,7 +414,7 @@ class ProgramModel:
                 f"event_times has {event_times.shape[0]} entries for {events.shape[0]} events"
             )
         reference = torch.tensor(float(reference_time), dtype=torch.float64)
-        with torch.no_grad(), self._arithmetic():
+        with torch.no_grad():
             if events.shape[0] <= ENCODE_CHUNK:
                 return _float_pair(self._encoder(events, event_times, reference))
             state = self.empty_state()
@@ -425,7 +441,7 @@ class ProgramModel:
             )
         s = s.to(torch.float32).contiguous()
         z = z.to(torch.float32).contiguous()
-        with torch.no_grad(), self._arithmetic():
+        with torch.no_grad():
             return _float_pair(self._scorer(user, candidates, s, z))
 
     def __repr__(self) -> str:
@@ -436,7 +452,7 @@ class ProgramModel:
 
 
 def _float_pair(outputs: Any) -> tuple[Tensor, Tensor]:
-    """The two output tensors in float32 (under bf16 autocast some come out in bfloat16)."""
+    """The two output tensors in float32, whatever a program hands back."""
     first, second = outputs
     return first.float(), second.float()
 
@@ -493,41 +509,60 @@ def aoti_matches_host(manifest: Manifest) -> bool:
     return "aoti" in manifest.files and status.get("compiled_for") == compile_target()
 
 
-def resolve_format(manifest: Manifest, program_format: str, precision: str = "fp32") -> str:
+def resolve_format(manifest: Manifest, program_format: str) -> str:
     """The concrete format for a requested one: "auto" is AOTInductor where its programs match
-    this machine and run in the requested precision (fp32 only: they are compiled), TorchScript
-    otherwise. AOTInductor was the fastest format for both programs in results/model_bench.md."""
+    this machine, TorchScript otherwise. AOTInductor was the fastest format for both programs in
+    results/model_bench.md."""
     if program_format != AUTO_FORMAT:
         return program_format
-    if precision == "fp32" and aoti_matches_host(manifest):
-        return "aoti"
-    return "torchscript"
+    return "aoti" if aoti_matches_host(manifest) else "torchscript"
 
 
-def check_precision(program_format: str, precision: str) -> None:
+def has_bf16_scorer(manifest: Manifest, program_format: str) -> bool:
+    """Whether the artefact can score in bf16 in this format (eager builds it at load)."""
+    if program_format == "eager":
+        return "eager" in manifest.files
+    return SCORER_ROLES["bf16"] in manifest.files.get(program_format, {})
+
+
+def resolve_precision(manifest: Manifest, program_format: str, precision: str) -> str:
+    """The concrete precision for a requested one: "auto" is bf16 where the CPU has bfloat16
+    arithmetic and the artefact a bf16 scorer in ``program_format``, fp32 otherwise. bf16 was
+    accepted on quality (AUC within 0.001, top-50 overlap ≥ 0.95: results/precision.md)."""
+    if precision != AUTO_PRECISION:
+        return precision
+    if cpu_supports_bf16() and has_bf16_scorer(manifest, program_format):
+        return "bf16"
+    return "fp32"
+
+
+def check_precision(manifest: Manifest, program_format: str, precision: str) -> None:
     """Raise ``ValueError`` with what to do instead where ``precision`` cannot run."""
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
+        raise ValueError(
+            f"unknown precision {precision!r}; expected one of {[*PRECISIONS, AUTO_PRECISION]}"
+        )
     if precision == "fp32":
         return
     if not cpu_supports_bf16():
         raise ValueError(
             "precision bf16 needs a CPU with bfloat16 instructions (AVX512-BF16 or AMX-BF16); "
-            "this CPU has neither: use precision fp32"
+            "this CPU has neither: use precision fp32 (or auto, which picks it here)"
         )
-    if program_format == "aoti":
+    if program_format in manifest.files and not has_bf16_scorer(manifest, program_format):
         raise ValueError(
-            "precision bf16 runs the programs under bfloat16 autocast, which compiled aoti "
-            "programs ignore: use program format torchscript (auto picks it for bf16), export "
-            "or eager, or precision fp32"
+            f"artefact {manifest.version} has no bf16 scorer in format {program_format!r} (it "
+            f"was exported without it): export again with `python -m model.export --precisions "
+            f"fp32,bf16`, or use precision fp32"
         )
 
 
 def load_artifact(
     path: Path, program_format: str = "torchscript", precision: str = "fp32"
 ) -> ServingModel:
-    """Load an artefact's programs in one format ("auto": see :func:`resolve_format`), to run in
-    ``precision`` ("fp32", or "bf16" where :func:`check_precision` allows it).
+    """Load an artefact's programs in one format ("auto": see :func:`resolve_format`), its
+    scorer in ``precision`` ("fp32", "bf16" where :func:`check_precision` allows it, or "auto":
+    see :func:`resolve_precision`).
 
     ``path`` is an artefact directory or an export root with ``LATEST``. Raises ``ValueError``
     for a format that does not exist or that this artefact could not build (with the reason the
@@ -535,13 +570,13 @@ def load_artifact(
     """
     if program_format not in (*FORMATS, AUTO_FORMAT):
         raise ValueError(
-            f"unknown program format {program_format!r}; expected one of "
-            f"{[*FORMATS, AUTO_FORMAT]}"
+            f"unknown program format {program_format!r}; expected one of {[*FORMATS, AUTO_FORMAT]}"
         )
     directory = resolve_artifact_dir(path)
     manifest = Manifest.load(directory / MANIFEST_FILE)
-    program_format = resolve_format(manifest, program_format, precision)
-    check_precision(program_format, precision)
+    program_format = resolve_format(manifest, program_format)
+    precision = resolve_precision(manifest, program_format, precision)
+    check_precision(manifest, program_format, precision)
     if program_format not in manifest.files:
         status = manifest.formats.get(program_format)
         reason = (
@@ -553,26 +588,28 @@ def load_artifact(
             f"artefact {manifest.version} has no {program_format!r} programs ({reason}); "
             f"available: {sorted(manifest.files)}"
         )
-    encoder, scorer = load_programs(directory, manifest, program_format)
+    encoder, scorer = load_programs(directory, manifest, program_format, precision)
     catalogue = Catalogue.load(directory / manifest.catalogue_file, manifest.feature_spec())
     manifest.state_version = artifact_state_version(manifest, directory, program_format)
-    return ProgramModel(
-        manifest, program_format, encoder, scorer, catalogue, directory, precision
-    )
+    return ProgramModel(manifest, program_format, encoder, scorer, catalogue, directory, precision)
 
 
 def load_programs(
-    directory: Path, manifest: Manifest, program_format: str
+    directory: Path, manifest: Manifest, program_format: str, precision: str = "fp32"
 ) -> tuple[Program, Program]:
     """The (encoder, scorer) callables of one format listed in ``manifest.files``."""
     files = {role: directory / name for role, name in manifest.files[program_format].items()}
-    return load_program_files(files, program_format, manifest.fusion)
+    return load_program_files(files, program_format, manifest.fusion, precision)
 
 
 def load_program_files(
-    files: Mapping[str, Path], program_format: str, fusion: Mapping[str, float]
+    files: Mapping[str, Path],
+    program_format: str,
+    fusion: Mapping[str, float],
+    precision: str = "fp32",
 ) -> tuple[Program, Program]:
-    """(encoder, scorer) from files by role ("encoder", "scorer"; "checkpoint" for eager)."""
+    """(encoder, scorer) from files by role ("encoder", "scorer", "scorer_bf16"; "checkpoint"
+    for eager), the scorer of ``precision``."""
     if program_format == "eager":
         # Imported here: the compiled formats must not need the network code to load.
         from model.checkpoint import load_checkpoint
@@ -582,17 +619,18 @@ def load_program_files(
         checkpoint = load_checkpoint(files["checkpoint"])
         if not isinstance(checkpoint.net, IFA):
             raise TypeError(f"eager serving needs an IFA checkpoint, got {checkpoint.net_name}")
-        return serving_programs(checkpoint.net, fusion)
+        return serving_programs(checkpoint.net, fusion, precision)
+    scorer_file = str(files[SCORER_ROLES[precision]])
     if program_format == "torchscript":
         with quiet_torchscript_deprecation():
             encoder_ts = torch.jit.load(str(files["encoder"]), map_location="cpu")
-            scorer_ts = torch.jit.load(str(files["scorer"]), map_location="cpu")
+            scorer_ts = torch.jit.load(scorer_file, map_location="cpu")
         return encoder_ts.eval(), scorer_ts.eval()
     if program_format == "export":
-        return _exported_module(files["encoder"]), _exported_module(files["scorer"])
+        return _exported_module(files["encoder"]), _exported_module(Path(scorer_file))
     if program_format == "aoti":
         load_package = torch._inductor.aoti_load_package
-        return load_package(str(files["encoder"])), load_package(str(files["scorer"]))
+        return load_package(str(files["encoder"])), load_package(scorer_file)
     raise ValueError(f"unknown program format {program_format!r}; expected one of {list(FORMATS)}")
 
 

@@ -1,15 +1,17 @@
 """Checkpoint -> versioned serving artefact (layout in :mod:`model.artifact`).
 
     python -m model.export --checkpoint runs/ifa.pt --catalogue worlds/default --out artifacts \\
-        [--fusion click=1.0,like=0.2] [--formats torchscript,export,aoti]
+        [--fusion click=1.0,like=0.2] [--formats torchscript,export,aoti] [--precisions fp32,bf16]
 
 Each requested format is built, loaded back and checked against the eager network on probe
 inputs (N = 0 and M = 1 included) before it is listed in the manifest; a format that disagrees
-by more than 1e-5 is not shipped. TorchScript and torch.export are required (a failure is an
-error); AOTInductor needs a working C++ toolchain, so its failure is recorded in the manifest
-with the reason and the export goes on. The artefact is assembled in a hidden temporary
-directory and renamed into place, then ``LATEST`` is replaced atomically, so a reader never sees
-a half-written version.
+by more than 1e-5 is not shipped. Each format also gets a bf16 scorer (the objective towers in
+bfloat16, :func:`model.serving.bf16_scorer`) unless ``--precisions fp32``; it is checked against
+the eager bf16 scorer, within bf16's rounding (1e-2). TorchScript and torch.export are required
+(a failure is an error); AOTInductor needs a working C++ toolchain, so its failure is recorded
+in the manifest with the reason and the export goes on. The artefact is assembled in a hidden
+temporary directory and renamed into place, then ``LATEST`` is replaced atomically, so a reader
+never sees a half-written version.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.export import Dim
 
 from model.artifact import (
@@ -37,7 +39,9 @@ from model.artifact import (
     FORMATS,
     LATEST_FILE,
     MANIFEST_FILE,
+    PRECISIONS,
     PROGRAM_FILES,
+    SCORER_ROLES,
     Manifest,
     Program,
     compile_target,
@@ -56,6 +60,7 @@ from model.serving import (
     DEFAULT_FUSION,
     ServingEncoder,
     ServingScorer,
+    bf16_scorer,
     fusion_vector,
     serving_programs,
 )
@@ -64,6 +69,10 @@ DEFAULT_FORMATS: tuple[str, ...] = ("torchscript", "export", "aoti")
 OPTIONAL_FORMATS: tuple[str, ...] = ("aoti",)
 """Formats whose failure is recorded rather than raised (they depend on the host toolchain)."""
 VERIFY_TOLERANCE = 1e-5
+BF16_VERIFY_TOLERANCE = 1e-2
+"""A bf16 scorer against the eager bf16 scorer: a compiled program may round a sum of bf16
+products differently; a probability off by more is a wrong program, not rounding."""
+TOLERANCES: dict[str, float] = {"fp32": VERIFY_TOLERANCE, "bf16": BF16_VERIFY_TOLERANCE}
 PROBE_SIZES: tuple[tuple[int, int], ...] = ((0, 1), (1, 1), (3, 5), (64, 17))
 """(N events, M candidates) checked against eager for every format before it ships."""
 WORLD_ITEMS_FILE = "items.parquet"
@@ -103,18 +112,21 @@ def probe_inputs(
 
 
 class _Builder:
-    """Builds the program files of each format into ``directory`` from one pair of modules."""
+    """Builds the program files of each format into ``directory``: the encoder and one scorer
+    per precision (role "scorer", "scorer_bf16")."""
 
     def __init__(
-        self, encoder: ServingEncoder, scorer: ServingScorer, spec: FeatureSpec, directory: Path
+        self,
+        encoder: ServingEncoder,
+        scorers: Mapping[str, ServingScorer],
+        spec: FeatureSpec,
+        directory: Path,
     ):
-        self.encoder = encoder
-        self.scorer = scorer
+        self.modules: dict[str, nn.Module] = {"encoder": encoder}
+        self.modules.update({SCORER_ROLES[p]: scorer for p, scorer in scorers.items()})
         self.spec = spec
         self.directory = directory
-        self._exported: tuple[torch.export.ExportedProgram, torch.export.ExportedProgram] | None = (
-            None
-        )
+        self._exported: dict[str, torch.export.ExportedProgram] | None = None
 
     def path(self, program_format: str, role: str) -> Path:
         path = self.directory / PROGRAM_FILES[program_format][role]
@@ -123,12 +135,13 @@ class _Builder:
 
     def torchscript(self) -> None:
         with quiet_torchscript_deprecation():
-            for role, module in (("encoder", self.encoder), ("scorer", self.scorer)):
+            for role, module in self.modules.items():
                 scripted = torch.jit.script(module)
                 torch.jit.save(scripted, str(self.path("torchscript", role)))
 
-    def exported(self) -> tuple[torch.export.ExportedProgram, torch.export.ExportedProgram]:
-        """torch.export programs with dynamic N ≥ 0 and M ≥ 1, traced once for both formats.
+    def exported(self) -> dict[str, torch.export.ExportedProgram]:
+        """torch.export programs by role with dynamic N ≥ 0 and M ≥ 1, traced once for both
+        formats.
 
         The example sizes (8, 8) avoid 0/1 so no dimension is specialised by the trace; the
         declared minimums then admit N = 0 and M = 1, which verification exercises.
@@ -137,27 +150,32 @@ class _Builder:
             events, event_times, reference_time, user, candidates = probe_inputs(self.spec, 8, 8)
             n_events = Dim("events", min=0)
             n_candidates = Dim("candidates", min=1)
+            encoder = self.modules["encoder"]
             with torch.no_grad():
-                encoder = torch.export.export(
-                    self.encoder,
-                    (events, event_times, reference_time),
-                    dynamic_shapes=({0: n_events}, {0: n_events}, None),
-                )
-                s, z = self.encoder(events, event_times, reference_time)
-                scorer = torch.export.export(
-                    self.scorer,
-                    (user, candidates, s, z),
-                    dynamic_shapes=(None, {0: n_candidates}, None, None),
-                )
-            self._exported = (encoder, scorer)
+                exported = {
+                    "encoder": torch.export.export(
+                        encoder,
+                        (events, event_times, reference_time),
+                        dynamic_shapes=({0: n_events}, {0: n_events}, None),
+                    )
+                }
+                s, z = encoder(events, event_times, reference_time)
+                for role, scorer in self.modules.items():
+                    if role != "encoder":
+                        exported[role] = torch.export.export(
+                            scorer,
+                            (user, candidates, s, z),
+                            dynamic_shapes=(None, {0: n_candidates}, None, None),
+                        )
+            self._exported = exported
         return self._exported
 
     def export(self) -> None:
-        for role, program in zip(("encoder", "scorer"), self.exported(), strict=True):
+        for role, program in self.exported().items():
             torch.export.save(program, str(self.path("export", role)))
 
     def aoti(self) -> None:
-        for role, program in zip(("encoder", "scorer"), self.exported(), strict=True):
+        for role, program in self.exported().items():
             # Inductor imports torch.utils.mkldnn, whose ScriptModules trip the same TorchScript
             # deprecation warning at import; and AOTInductor's packaging itself still tests
             # `isinstance(treespec, LeafSpec)`, which this torch deprecates (a FutureWarning
@@ -223,8 +241,11 @@ def export_artifact(
     formats: Collection[str] = DEFAULT_FORMATS,
     update_latest: bool = True,
     log: Callable[[str], None] | None = None,
+    precisions: Collection[str] = PRECISIONS,
 ) -> Path:
     """Write ``out_dir/<version>/`` for an IFA checkpoint and return that directory.
+
+    ``precisions``: the scorers each format holds ("fp32" always; "bf16" adds the bf16 one).
 
     ``fusion`` defaults to the checkpoint's ``metadata["fusion"]``, else click only. The
     catalogue is re-featurised under the checkpoint's spec. Raises :class:`ExportError` when a
@@ -233,6 +254,11 @@ def export_artifact(
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown formats {sorted(unknown)}; expected some of {list(FORMATS)}")
+    if "fp32" not in precisions or set(precisions) - set(PRECISIONS):
+        raise ValueError(
+            f"precisions {sorted(precisions)}: expected fp32 and optionally bf16 "
+            f"(some of {list(PRECISIONS)})"
+        )
     net = checkpoint.net
     if not isinstance(net, IFA):
         raise TypeError(
@@ -249,7 +275,10 @@ def export_artifact(
 
     was_training = net.training
     try:
-        reference = serving_programs(net, fusion)  # puts the net in eval mode
+        encoder, scorer = serving_programs(net, fusion)  # puts the net in eval mode
+        references = {"fp32": (encoder, scorer)}
+        if "bf16" in precisions:
+            references["bf16"] = (encoder, bf16_scorer(scorer))
         version = model_version(
             checkpoint.net_name, config_of(net), checkpoint.spec, fusion, net.state_dict()
         )
@@ -257,7 +286,7 @@ def export_artifact(
         staging.mkdir()
         try:
             manifest = _build(
-                checkpoint, catalogue, reference, fusion, formats, version, staging, say
+                checkpoint, catalogue, references, fusion, formats, version, staging, say
             )
             manifest.save(staging / MANIFEST_FILE)
             final = _publish(staging, out_dir / version)
@@ -274,7 +303,7 @@ def export_artifact(
 def _build(
     checkpoint: Checkpoint,
     catalogue: Catalogue,
-    reference: tuple[ServingEncoder, ServingScorer],
+    references: Mapping[str, tuple[ServingEncoder, ServingScorer]],
     fusion: dict[str, float],
     formats: Collection[str],
     version: str,
@@ -288,7 +317,10 @@ def _build(
     save_checkpoint(Checkpoint(checkpoint.net_name, spec, net, metadata), staging / CHECKPOINT_FILE)
     Catalogue(catalogue.columns, spec).save(staging / CATALOGUE_FILE)
 
-    builder = _Builder(reference[0], reference[1], spec, staging)
+    encoder_module = references["fp32"][0]
+    scorers = {precision: pair[1] for precision, pair in references.items()}
+    builder = _Builder(encoder_module, scorers, spec, staging)
+    roles = {"encoder", *(SCORER_ROLES[p] for p in references)}
     files: dict[str, dict[str, str]] = {}
     statuses: dict[str, dict[str, Any]] = {}
     for program_format in [f for f in FORMATS if f in formats or f == "eager"]:
@@ -296,16 +328,22 @@ def _build(
         status: dict[str, Any] = {"status": "ok"}
         try:
             builder.build(program_format)
-            format_files = PROGRAM_FILES[program_format]
+            format_files = {
+                role: name
+                for role, name in PROGRAM_FILES[program_format].items()
+                if role in roles or program_format == "eager"
+            }
             paths = {role: staging / name for role, name in format_files.items()}
-            encoder, scorer = load_program_files(paths, program_format, fusion)
-            error = verify_programs(encoder, scorer, reference, spec)
-            status["max_abs_error"] = error
-            if not error <= VERIFY_TOLERANCE:
-                raise ExportError(
-                    f"{program_format} programs disagree with eager by {error:.3g} "
-                    f"(tolerance {VERIFY_TOLERANCE})"
-                )
+            for precision, reference in references.items():
+                encoder, scorer = load_program_files(paths, program_format, fusion, precision)
+                error = verify_programs(encoder, scorer, reference, spec)
+                key = "max_abs_error" if precision == "fp32" else f"{precision}_max_abs_error"
+                status[key] = error
+                if not error <= TOLERANCES[precision]:
+                    raise ExportError(
+                        f"{program_format} {precision} programs disagree with eager by "
+                        f"{error:.3g} (tolerance {TOLERANCES[precision]})"
+                    )
             status["bytes"] = sum(p.stat().st_size for p in paths.values())
             files[program_format] = dict(format_files)
         except Exception as exc:
@@ -416,6 +454,15 @@ def parse_formats(text: str) -> tuple[str, ...]:
     return formats
 
 
+def parse_precisions(text: str) -> tuple[str, ...]:
+    precisions = tuple(p.strip() for p in text.split(",") if p.strip())
+    if "fp32" not in precisions or set(precisions) - set(PRECISIONS):
+        raise argparse.ArgumentTypeError(
+            f"precisions {text!r}: expected fp32 and optionally bf16, e.g. fp32,bf16"
+        )
+    return precisions
+
+
 def catalogue_source(path: Path) -> Path:
     """A Parquet file, or a world directory's ``items.parquet``."""
     if path.is_dir():
@@ -444,6 +491,11 @@ def summarise(directory: Path) -> str:
             lines.append(
                 f"  {name:<12} ok      {status['seconds']:7.1f} s  {size:7.2f} MiB  "
                 f"max |Δ| vs eager {status.get('max_abs_error', 0.0):.1e}"
+                + (
+                    f" (bf16 {status['bf16_max_abs_error']:.1e})"
+                    if "bf16_max_abs_error" in status
+                    else ""
+                )
             )
         else:
             lines.append(
@@ -475,6 +527,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_FORMATS,
         help="comma list: torchscript,export,aoti",
     )
+    parser.add_argument(
+        "--precisions",
+        type=parse_precisions,
+        default=PRECISIONS,
+        help="comma list: fp32 (always) and bf16 (a scorer with bfloat16 towers per format)",
+    )
     parser.add_argument("--no-latest", action="store_true", help="do not update LATEST")
     args = parser.parse_args(argv)
 
@@ -490,6 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             formats=args.formats,
             update_latest=not args.no_latest,
             log=print,
+            precisions=args.precisions,
         )
     except (ExportError, TypeError, ValueError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)

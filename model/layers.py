@@ -201,7 +201,10 @@ class CandidateHead(nn.Module):
         if config.use_ram:
             self.ram = LinearSelfAttention(item_dim + interest_dim, config)
             set_dim = self.ram.out_dim
-        self.towers = Towers(user_dim + item_dim + interest_dim + set_dim, config.tower_hidden)
+        # Typed as a module: serving may swap in a bf16 copy (model.serving.bf16_scorer).
+        self.towers: nn.Module = Towers(
+            user_dim + item_dim + interest_dim + set_dim, config.tower_hidden
+        )
 
     def forward(self, user: Tensor, candidates: Tensor, interest: Tensor, mask: Tensor) -> Tensor:
         """user (B, du), candidates (B, M, di), interest (B, M, dr), mask (B, M) -> logits."""

@@ -31,10 +31,14 @@ def build_artifact(
     seed: int = 0,
     fusion: dict[str, float] | None = None,
     update_latest: bool = True,
+    precisions: tuple[str, ...] = ("fp32",),
 ) -> Path:
     """Export an untrained IFA (small spec, torchscript) with a synthetic catalogue; ``seed``
     picks the weights and catalogue, ``fusion`` the score's weights (the model's version
-    changes with either, its state version with the seed only)."""
+    changes with either, its state version with the seed only).
+
+    fp32 only unless asked: the service's precision "auto" then serves fp32, which the parity
+    tests compare with the eager network at 1e-5; bf16 has tests of its own."""
     import torch
 
     torch.manual_seed(seed)
@@ -65,6 +69,7 @@ def build_artifact(
         fusion=fusion,
         formats=("torchscript",),
         update_latest=update_latest,
+        precisions=precisions,
     )
     return out
 

@@ -1,23 +1,24 @@
-"""Precision and format choice at load time: bf16 where the CPU has it, "auto" by the host."""
+"""Precision and format choice at load time: bf16 where the CPU and artefact have it, "auto"
+format by the host."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
 
+from loadtest.harness import running_service
 from model.artifact import (
-    LATEST_FILE,
-    MANIFEST_FILE,
     Manifest,
     compile_target,
     cpu_supports_bf16,
     load_artifact,
     resolve_format,
+    resolve_precision,
 )
 from model.catalogue import Catalogue
 from model.data import load_world, request_stream, save_world
@@ -52,14 +53,33 @@ def test_auto_takes_aoti_only_where_it_was_compiled_for_this_host() -> None:
     assert resolve_format(manifest_with({"aoti": elsewhere}, both), "auto") == "torchscript"
     assert resolve_format(manifest_with({"aoti": unrecorded}, both), "auto") == "torchscript"
     assert resolve_format(manifest_with({}, ["torchscript"]), "auto") == "torchscript"
-    # bf16 runs under autocast, which compiled programs ignore.
-    assert resolve_format(manifest_with({"aoti": here}, both), "auto", "bf16") == "torchscript"
     # An explicit format is taken as asked.
     assert resolve_format(manifest_with({"aoti": elsewhere}, both), "aoti") == "aoti"
 
 
 def test_auto_loads_torchscript_from_an_artefact_without_aoti(artefact: Path) -> None:
     assert load_artifact(artefact, "auto").program_format == "torchscript"
+
+
+def test_auto_precision_is_bf16_only_where_cpu_and_artefact_have_it() -> None:
+    with_bf16 = manifest_with({}, ["torchscript"])
+    with_bf16.files["torchscript"] = {"encoder": "e", "scorer": "s", "scorer_bf16": "b"}
+    without = manifest_with({}, ["torchscript"])
+    without.files["torchscript"] = {"encoder": "e", "scorer": "s"}
+    expected = "bf16" if cpu_supports_bf16() else "fp32"
+    assert resolve_precision(with_bf16, "torchscript", "auto") == expected
+    assert resolve_precision(without, "torchscript", "auto") == "fp32"
+    assert resolve_precision(without, "torchscript", "fp32") == "fp32"
+
+
+def test_bf16_from_an_artefact_exported_without_it_says_how_to_get_it(
+    tmp_path: Path,
+) -> None:
+    root = build_artifact(tmp_path, time_decay=False, precisions=("fp32",))
+    reason = "export again" if cpu_supports_bf16() else "bf16 needs a CPU"
+    with pytest.raises(ValueError, match=reason):
+        load_artifact(root, "torchscript", "bf16")
+    assert load_artifact(root, "torchscript", "auto").precision == "fp32"
 
 
 def test_unknown_precision_is_refused(artefact: Path) -> None:
@@ -119,15 +139,17 @@ def test_bf16_matches_fp32_within_the_stated_tolerance(trained: tuple[Path, Path
     assert np.mean(overlaps) >= MIN_TOP_OVERLAP, np.mean(overlaps)
 
 
-def test_aoti_with_bf16_is_refused_with_what_to_do(artefact: Path, tmp_path: Path) -> None:
-    """Checked before any program is loaded, so no aoti export is needed: the manifest says
-    aoti exists; the precision check comes first (on a CPU without bf16, the CPU's refusal)."""
-    directory = artefact / (artefact / LATEST_FILE).read_text().strip()
-    copy = tmp_path / directory.name
-    copy.mkdir()
-    manifest = json.loads((directory / MANIFEST_FILE).read_text())
-    manifest["files"]["aoti"] = {"encoder": "aoti/encoder.pt2", "scorer": "aoti/scorer.pt2"}
-    (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
-    reason = "compiled aoti programs ignore" if cpu_supports_bf16() else "bf16 needs a CPU"
-    with pytest.raises(ValueError, match=reason):
-        load_artifact(copy, "aoti", "bf16")
+@pytest.mark.e2e
+def test_the_service_scores_in_bf16_by_default_where_it_can(tmp_path: Path) -> None:
+    """The default precision (auto) of a real service process on an artefact with a bf16
+    scorer: bf16 where the CPU has it, fp32 elsewhere, said by GET /model; it ranks."""
+    root = build_artifact(tmp_path / "model", time_decay=False, precisions=("fp32", "bf16"))
+    with (
+        running_service(root, tmp_path / "service.log", timeout=60) as service,
+        httpx.Client(base_url=service.url, timeout=10) as client,
+    ):
+        info = client.get("/model").json()
+        ranked = client.post("/rank", json={"user_id": 1, "candidate_ids": [3, 5, 7], "k": 2})
+    assert info["precision"] == ("bf16" if cpu_supports_bf16() else "fp32")
+    assert info["program_format"] == "torchscript"
+    assert ranked.status_code == 200 and len(ranked.json()["items"]) == 2
