@@ -109,8 +109,8 @@ CONFIGS: dict[str, Config] = {
         ),
         Config(
             "defaults",
-            "the service's defaults: one worker per CPU, program format auto, fp32, the "
-            "scorer inline on each worker's event loop",
+            "the service's defaults: one worker per CPU, program format auto, precision "
+            "auto (bf16 where the CPU has it), the scorer inline on each worker's event loop",
             {},
             (100, 150, 200, 225, 250, 275, 300),
         ),
@@ -121,10 +121,10 @@ CONFIGS: dict[str, Config] = {
             (100, 125, 150, 200),
         ),
         Config(
-            "bf16",
-            "the defaults with precision bf16 (TorchScript under bfloat16 autocast)",
-            {"IFA_PRECISION": "bf16"},
-            (100, 150, 200, 250, 300),
+            "fp32",
+            "the defaults with precision fp32 (the scorer's towers in float32)",
+            {"IFA_PRECISION": "fp32"},
+            (100, 150, 175, 200, 250),
         ),
         Config(
             "cache-off",

@@ -282,6 +282,12 @@ class ModelInfo(BaseModel):
     time_decay: bool = Field(description="Whether the state decays with event age.")
     state_bytes: int = Field(description="Size of one cached user state.")
     store: str = Field(description="State store backend: memory or redis.")
+    program_format: str = Field(
+        description="Program format the model runs in: aoti, torchscript, export or eager."
+    )
+    precision: str = Field(
+        description="The scorer's arithmetic: fp32, or bf16 (objective towers in bfloat16)."
+    )
     limits: Limits = Field(description="Limits the API enforces.")
     catalogue: CatalogueInfo = Field(
         description="Item features: the model's catalogue, overridden and extended by the item "

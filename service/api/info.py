@@ -25,6 +25,8 @@ async def model_info(services: ServicesDep) -> ModelInfo:
         time_decay=bool((runtime.decay_rates != 0).any()),
         state_bytes=state_bytes(runtime.heads, runtime.key_dim, runtime.value_dim),
         store=settings.store,
+        program_format=runtime.model.program_format,
+        precision=runtime.model.precision,
         limits=Limits(
             max_candidates=settings.max_candidates,
             max_events_per_post=settings.max_events_per_post,
