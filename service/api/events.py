@@ -7,6 +7,7 @@ import time
 from fastapi import APIRouter, Request
 
 from service.api.deps import ServicesDep, TokenDep
+from service.api.fast_body import FastBodyRoute
 from service.api.writes import check_batch_size, within_budget
 from service.errors import validation_errors
 from service.schemas import (
@@ -18,7 +19,7 @@ from service.schemas import (
 )
 from service.stores.base import NewEvent
 
-router = APIRouter(tags=["events"])
+router = APIRouter(tags=["events"], route_class=FastBodyRoute)
 
 
 @router.post(

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service.api.deps import ServicesDep
+from service.api.fast_body import FastBodyRoute
 from service.errors import Overloaded, validation_error
 from service.middleware import START_TIME_KEY, remaining_budget
 from service.schemas import (
@@ -18,7 +19,7 @@ from service.schemas import (
     RankResponse,
 )
 
-router = APIRouter(tags=["ranking"])
+router = APIRouter(tags=["ranking"], route_class=FastBodyRoute)
 
 
 @router.post(
