@@ -44,7 +44,9 @@ class Services:
         return self.model.current.ranker
 
 
-def get_services(request: Request) -> Services:
+# Dependencies are coroutines: FastAPI runs a plain ``def`` dependency in its thread pool, a
+# thread hand-off per request for what is an attribute read.
+async def get_services(request: Request) -> Services:
     services = getattr(request.app.state, "services", None)
     if not isinstance(services, Services):
         raise NotReady("the service has not finished starting")
@@ -57,14 +59,13 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics = request.app.state.metrics
     assert isinstance(metrics, Metrics)
     return metrics
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
@@ -74,7 +75,7 @@ _bearer = HTTPBearer(
 )
 
 
-def require_token(
+async def require_token(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
