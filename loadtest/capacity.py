@@ -48,6 +48,7 @@ import orjson
 import pyarrow.parquet as pq
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.cpu_probe import busy_cpu_shares
 from loadtest.harness import (
     REPO_ROOT,
     LiveService,
@@ -518,15 +519,25 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "load_average_at_start": os.getloadavg()[0],
+        "busy_cpu_shares_at_start": busy_cpu_shares(),
     }
 
 
 def describe_machine(facts: object) -> str:
     assert isinstance(facts, dict)
-    return (
+    text = (
         f"{facts['cpus']} CPUs ({facts['processor']}), Python {facts['python']}, torch "
         f"{facts['torch']}, 1-minute load average {facts['load_average_at_start']:.1f} at start"
     )
+    for moment in ("start", "end"):
+        shares = facts.get(f"busy_cpu_shares_at_{moment}")
+        if shares:
+            each = ", ".join(f"{100 * s:.0f} %" for s in shares)
+            text += (
+                f"; at the {moment}, {len(shares)} busy processes (one per CPU) got {each} of a "
+                f"core each, {sum(shares):.2f} cores in all"
+            )
+    return text
 
 
 def table_row(cells: Sequence[object]) -> str:
@@ -847,6 +858,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.rates = dict(args.rates)
     started = time.time()
+    facts = machine()  # before any load: what the machine gives when nothing else runs
     ensure_model(args.model_dir)
     version, item_ids = catalogue_item_ids(args.model_dir)
     work = args.work_dir.resolve()
@@ -879,7 +891,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plot": f"{out.name}.png",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "duration_s": round(time.time() - started),
-        "machine": machine(),
+        "machine": facts | {"busy_cpu_shares_at_end": busy_cpu_shares()},
         "setup": {
             "command": "python -m loadtest.capacity " + " ".join(argv if argv else sys.argv[1:]),
             "model_version": version,
