@@ -17,6 +17,7 @@ number of arrivals in a short window, against what a Poisson stream of the same 
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import time
 from collections import deque
@@ -338,12 +339,20 @@ def run_open_loop(
         finally:
             client.close()
 
+    # What the caller built before the run (the world, the bodies: hundreds of thousands of
+    # objects) is frozen for its length: a full collection walking them held the GIL for
+    # 100+ ms, a stall that sends the requests due meanwhile late and in a burst.
+    gc.collect()
+    gc.freeze()
     try:
-        import uvloop
+        try:
+            import uvloop
 
-        return uvloop.run(main())
-    except ImportError:
-        return asyncio.run(main())
+            return uvloop.run(main())
+        except ImportError:
+            return asyncio.run(main())
+    finally:
+        gc.unfreeze()
 
 
 # -- the service's side: its arrival log ---------------------------------------------------------
