@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from model.features import OBJECTIVES
+from model.layers import Towers
 from model.nets.ifa import IFA, CandidateScorer, SequenceEncoder
 
 ACTION_OBJECTIVES: tuple[str, ...] = OBJECTIVES[1:]
@@ -85,15 +86,65 @@ class BFloat16(nn.Module):
         return self.layers(x.to(torch.bfloat16)).to(torch.float32)
 
 
+class _BatchedLinear(nn.Module):
+    """One layer of every tower at once: (T, R, in) -> (T, R, out)."""
+
+    def __init__(self, layers: list[nn.Linear]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach().t() for layer in layers]))
+        self.bias = nn.Parameter(torch.stack([layer.bias.detach()[None, :] for layer in layers]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class FusedTowers(nn.Module):
+    """:class:`model.layers.Towers` computed as one matmul for every tower's first layer and a
+    batched matmul per later layer: the same arithmetic in a few large calls instead of one small
+    call per tower and layer (the last layers are 64 -> 1 matmuls, mostly call overhead)."""
+
+    def __init__(self, towers: Towers):
+        super().__init__()
+        stacks = [
+            [layer for layer in tower.children() if isinstance(layer, nn.Linear)]
+            for tower in towers.towers
+        ]
+        self.count = len(stacks)
+        self.first = nn.Linear(stacks[0][0].in_features, sum(s[0].out_features for s in stacks))
+        with torch.no_grad():
+            self.first.weight.copy_(torch.cat([s[0].weight for s in stacks]))
+            self.first.bias.copy_(torch.cat([s[0].bias for s in stacks]))
+        self.rest = nn.ModuleList(
+            _BatchedLinear([s[depth] for s in stacks]) for depth in range(1, len(stacks[0]))
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, M, in_dim) -> logits (B, M, towers), as :class:`model.layers.Towers`."""
+        b, m = x.shape[0], x.shape[1]
+        h = torch.relu(self.first(x.reshape(b * m, x.shape[2])))
+        h = h.reshape(b * m, self.count, -1).transpose(0, 1)  # (T, B·M, hidden)
+        last = len(self.rest) - 1
+        for depth, layer in enumerate(self.rest):
+            h = layer(h)
+            if depth < last:
+                h = torch.relu(h)
+        return h[:, :, 0].transpose(0, 1).reshape(b, m, self.count)
+
+
 def bf16_scorer(scorer: ServingScorer) -> ServingScorer:
-    """A copy of ``scorer`` whose objective towers run in bfloat16.
+    """A copy of ``scorer`` whose objective towers run in bfloat16 (fused: :class:`FusedTowers`).
 
     The towers are about 3/4 of the scorer's multiply-adds at M = 1,000 and only rank what they
     are given; the attention read, the degree, RAM and the final sigmoid and fusion stay in
-    float32, so the state and the probabilities' scale are untouched.
+    float32, so the state and the probabilities' scale are untouched. RAM's projections, the
+    query and the FSM output in bf16 as well saved another 0.16 ms (6 %) of the AOTInductor
+    scorer but tripled the largest probability difference on held-out requests (0.023) and
+    lowered the worst top-50 overlap to 0.94: not taken.
     """
     low = copy.deepcopy(scorer)
-    low.scorer.head.towers = BFloat16(low.scorer.head.towers)
+    head = low.scorer.head
+    assert isinstance(head.towers, Towers), "a scorer is made bf16 once, from fp32"
+    head.towers = BFloat16(FusedTowers(head.towers))
     return low.eval()
 
 

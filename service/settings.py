@@ -65,8 +65,8 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto",
         description="Arithmetic of the scorer. bf16: its objective towers in bfloat16 "
-        "(accepted on quality: AUC within 0.001 of fp32, top-50 overlap 0.997; 0.65x the "
-        "fp32 scorer's time; results/precision.md); refused where the CPU has no bfloat16 "
+        "(accepted on quality: AUC within 0.001 of fp32, top-50 overlap 0.997; about 0.7x "
+        "the fp32 scorer's time; results/precision.md); refused where the CPU has no bfloat16 "
         "instructions or the artefact no bf16 scorer. auto: bf16 where both hold, fp32 "
         "otherwise. The encoder, whose output is the cached state, is always fp32.",
     )

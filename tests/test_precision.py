@@ -23,8 +23,10 @@ from model.artifact import (
 from model.catalogue import Catalogue
 from model.data import load_world, request_stream, save_world
 from model.export import catalogue_source, export_artifact
+from model.layers import Towers
 from model.metrics import objective_aucs
 from model.precision import MAX_AUC_DROP, MIN_TOP_OVERLAP, candidate_pool, serve, top_overlap
+from model.serving import FusedTowers
 from model.train import TrainSettings, train
 from model.world import generate_world
 from tests.support import build_artifact
@@ -153,3 +155,12 @@ def test_the_service_scores_in_bf16_by_default_where_it_can(tmp_path: Path) -> N
     assert info["precision"] == ("bf16" if cpu_supports_bf16() else "fp32")
     assert info["program_format"] == "torchscript"
     assert ranked.status_code == 200 and len(ranked.json()["items"]) == 2
+
+
+def test_fused_towers_compute_what_the_towers_do() -> None:
+    """The bf16 scorer's tower layout (one matmul for every first layer, a batched matmul per
+    later layer) is the same arithmetic as one MLP per objective, checked in float32."""
+    towers = Towers(in_dim=24, hidden=(16, 8))
+    x = torch.randn(2, 37, 24)
+    with torch.no_grad():
+        assert torch.allclose(FusedTowers(towers)(x), towers(x), atol=1e-5)
