@@ -251,14 +251,8 @@ def export_artifact(
     catalogue is re-featurised under the checkpoint's spec. Raises :class:`ExportError` when a
     required format (any but AOTInductor) fails to build or to verify.
     """
-    unknown = set(formats) - set(FORMATS)
-    if unknown:
-        raise ValueError(f"unknown formats {sorted(unknown)}; expected some of {list(FORMATS)}")
-    if "fp32" not in precisions or set(precisions) - set(PRECISIONS):
-        raise ValueError(
-            f"precisions {sorted(precisions)}: expected fp32 and optionally bf16 "
-            f"(some of {list(PRECISIONS)})"
-        )
+    check_formats(formats)
+    check_precisions(precisions)
     net = checkpoint.net
     if not isinstance(net, IFA):
         raise TypeError(
@@ -444,23 +438,36 @@ def parse_fusion(text: str) -> dict[str, float]:
     return weights
 
 
-def parse_formats(text: str) -> tuple[str, ...]:
-    formats = tuple(f.strip() for f in text.split(",") if f.strip())
+def check_formats(formats: Collection[str]) -> None:
     unknown = set(formats) - set(FORMATS)
     if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown formats {sorted(unknown)}; expected some of {list(FORMATS)}"
-        )
-    return formats
+        raise ValueError(f"unknown formats {sorted(unknown)}; expected some of {list(FORMATS)}")
 
 
-def parse_precisions(text: str) -> tuple[str, ...]:
-    precisions = tuple(p.strip() for p in text.split(",") if p.strip())
+def check_precisions(precisions: Collection[str]) -> None:
     if "fp32" not in precisions or set(precisions) - set(PRECISIONS):
-        raise argparse.ArgumentTypeError(
-            f"precisions {text!r}: expected fp32 and optionally bf16, e.g. fp32,bf16"
+        raise ValueError(
+            f"precisions {sorted(precisions)}: expected fp32 and optionally bf16 "
+            f"(some of {list(PRECISIONS)})"
         )
-    return precisions
+
+
+def comma_list(check: Callable[[Collection[str]], None]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma-separated list, checked as the exporter checks it."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(v.strip() for v in text.split(",") if v.strip())
+        try:
+            check(values)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return values
+
+    return parse
+
+
+parse_formats = comma_list(check_formats)
+parse_precisions = comma_list(check_precisions)
 
 
 def catalogue_source(path: Path) -> Path:

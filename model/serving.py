@@ -71,7 +71,7 @@ class ServingScorer(nn.Module):
 
 
 class BFloat16(nn.Module):
-    """A copy of a stack of dense layers that runs in bfloat16: weights stored in bf16, the
+    """A stack of dense layers run in bfloat16: its weights converted to bf16 (in place), the
     input rounded to bf16 once, the output handed back in float32.
 
     Casting the weights once is what makes it pay: autocast converts every weight on every
@@ -80,7 +80,7 @@ class BFloat16(nn.Module):
 
     def __init__(self, layers: nn.Module):
         super().__init__()
-        self.layers = copy.deepcopy(layers).to(torch.bfloat16)
+        self.layers = layers.to(torch.bfloat16)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x.to(torch.bfloat16)).to(torch.float32)
