@@ -4,7 +4,8 @@
   where ``msg`` starts with the field it is about, e.g. ``candidate_ids[3]: Input should be ...``;
 * store unreachable, the worker overloaded, the request budget spent, or the model not loaded
   yet: 503 ``{"detail": "..."}`` with ``Retry-After``;
-* /events without the bearer token it requires: 401 with ``WWW-Authenticate: Bearer``;
+* a route that requires the bearer token called without one: 401 with ``WWW-Authenticate:
+  Bearer``; with a token that is not accepted: 403;
 * a model failure or anything unexpected: 500 ``{"detail": "..."}``.
 
 Bodies never carry internal exception text (a Redis error names hosts and commands): the cause
@@ -47,6 +48,10 @@ class Overloaded(RuntimeError):
 
 class Unauthorized(RuntimeError):
     """The route requires the bearer token and the request did not carry it."""
+
+
+class Forbidden(RuntimeError):
+    """The request carried a bearer token that is not accepted (or the route is refused)."""
 
 
 def json_response(
@@ -156,6 +161,10 @@ def install_error_handlers(app: FastAPI, metrics: Metrics, retry_after_seconds: 
             {"detail": str(exc)}, 401, headers={"www-authenticate": 'Bearer realm="ifa"'}
         )
 
+    async def on_forbidden(request: Request, exc: Exception) -> Response:
+        metrics.errors.labels(kind="forbidden").inc()
+        return json_response({"detail": str(exc)}, 403)
+
     async def on_model_error(request: Request, exc: Exception) -> Response:
         metrics.errors.labels(kind="model").inc()
         logger.exception("model error on %s", request.url.path, exc_info=exc)
@@ -172,5 +181,6 @@ def install_error_handlers(app: FastAPI, metrics: Metrics, retry_after_seconds: 
     app.add_exception_handler(NotReady, on_not_ready)
     app.add_exception_handler(Overloaded, on_overloaded)
     app.add_exception_handler(Unauthorized, on_unauthorized)
+    app.add_exception_handler(Forbidden, on_forbidden)
     app.add_exception_handler(ModelError, on_model_error)
     app.add_exception_handler(Exception, on_unexpected)

@@ -11,7 +11,6 @@ from service.api.fast_body import FastBodyRoute
 from service.api.writes import check_batch_size, within_budget
 from service.errors import validation_errors
 from service.schemas import (
-    AUTH_RESPONSES,
     STORE_RESPONSES,
     VALIDATION_RESPONSES,
     EventsRequest,
@@ -31,7 +30,7 @@ router = APIRouter(tags=["events"], route_class=FastBodyRoute)
     "may arrive in any order; the next /rank folds them into the user's state. A 2xx means every "
     "event is in the store; a 503 means nothing was acknowledged: retry the same batch (the "
     "event ids make it safe).",
-    responses={**VALIDATION_RESPONSES, **STORE_RESPONSES, **AUTH_RESPONSES},
+    responses={**VALIDATION_RESPONSES, **STORE_RESPONSES},
 )
 async def post_events(
     body: EventsRequest, request: Request, services: ServicesDep, _: TokenDep

@@ -221,7 +221,7 @@ async def test_put_items_requires_the_token_like_events(artifact_dir: Path) -> N
         missing = await client.put("/items", json=payload)
         wrong = await client.put("/items", json=payload, headers={"authorization": "Bearer x"})
         right = await client.put("/items", json=payload, headers={"authorization": "Bearer s3cret"})
-    assert missing.status_code == 401 and wrong.status_code == 401
+    assert missing.status_code == 401 and wrong.status_code == 403
     assert right.status_code == 200
 
 
