@@ -8,7 +8,7 @@ import asyncio
 import gc
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,7 +36,7 @@ from service.ranker import Ranker
 from service.rate_limits import ClientRateLimits
 from service.rollout import ModelHolder, Rollout, Serving
 from service.runtime import ModelRuntime, load_runtime
-from service.schemas import MAX_ID
+from service.schemas import MAX_ID, MIN_ATTRIBUTE
 from service.seed import load_seed
 from service.settings import Settings
 from service.stores import open_store, store_location
@@ -285,7 +285,7 @@ def warm_up(runtime: ModelRuntime) -> None:
 def _document_runtime_limits(app: FastAPI, settings: Settings) -> None:
     """Write what is known only at run time into the OpenAPI document: max_candidates,
     max_events_per_post, which routes need the bearer token and, once the model is loaded, the
-    action vocabulary."""
+    action vocabulary and the item attributes PUT /items accepts."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
@@ -299,7 +299,7 @@ def _document_runtime_limits(app: FastAPI, settings: Settings) -> None:
         routers = [module.router for module in ROUTES]
         document_access(schema, routers, settings, require_token, require_admin_token)
         components = schema.get("components", {}).get("schemas", {})
-        _exact_id_bounds(components)
+        _exact_integer_bounds(components)
         if "RankRequest" in components:
             components["RankRequest"]["properties"]["candidate_ids"]["maxItems"] = (
                 settings.max_candidates
@@ -315,20 +315,36 @@ def _document_runtime_limits(app: FastAPI, settings: Settings) -> None:
         services = app.state.services
         if isinstance(services, Services) and "EventIn" in components:
             components["EventIn"]["properties"]["action"]["enum"] = list(services.runtime.actions)
+            if "ItemIn" in components:
+                _declare_item_fields(components["ItemIn"], services.ranker.items.attribute_names)
             app.openapi_schema = schema  # complete: cache it
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _exact_id_bounds(node: Any) -> None:
-    """FastAPI's OpenAPI model keeps ``maximum`` as a float, which rounds 2^63 - 1 up to 2^63;
-    put the exact integer back so that generated clients get the real bound."""
+def _declare_item_fields(item: dict[str, Any], fields: Sequence[str]) -> None:
+    """An item's attributes as the model's fields, each optional, and no other key: PUT /items
+    refuses an attribute the model does not have."""
+    attributes = item["properties"]["attributes"]
+    value = attributes.pop("additionalProperties")
+    attributes["properties"] = {name: value for name in fields}
+    attributes["additionalProperties"] = False
+
+
+def _exact_integer_bounds(node: Any) -> None:
+    """FastAPI's OpenAPI model keeps ``maximum`` and ``minimum`` as floats, which round 2^63 - 1
+    up to 2^63 and print -2^63 as -9.223372036854776e18, a bound a validator comparing in floats
+    reads as admitting -2^63 - 1; put the exact integers back so that generated clients and
+    schema validators get the real bounds."""
     if isinstance(node, dict):
-        if node.get("maximum") == float(MAX_ID) and node.get("type") == "integer":
-            node["maximum"] = MAX_ID
+        if node.get("type") == "integer":
+            if node.get("maximum") == float(MAX_ID):
+                node["maximum"] = MAX_ID
+            if node.get("minimum") == float(MIN_ATTRIBUTE):
+                node["minimum"] = MIN_ATTRIBUTE
         for value in node.values():
-            _exact_id_bounds(value)
+            _exact_integer_bounds(value)
     elif isinstance(node, list):
         for value in node:
-            _exact_id_bounds(value)
+            _exact_integer_bounds(value)

@@ -2,6 +2,9 @@
 
 * validation (422, or 400 for a body that is not JSON): ``{"detail": [{loc, field, msg, type}]}``
   where ``msg`` starts with the field it is about, e.g. ``candidate_ids[3]: Input should be ...``;
+  a body the published schema accepts but the server's state refuses (an event timestamp past
+  the server's clock) is a 409 in the same shape;
+* a method the path does not serve: 405 whose ``Allow`` lists every method the path serves;
 * store unreachable, the worker overloaded, the request budget spent, or the model not loaded
   yet: 503 ``{"detail": "..."}`` with ``Retry-After``;
 * a route that requires the bearer token called without one: 401 with ``WWW-Authenticate:
@@ -23,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from service.metrics import Metrics
 from service.stores.base import StoreError
@@ -48,6 +52,16 @@ class Overloaded(RuntimeError):
 
 class Unauthorized(RuntimeError):
     """The route requires the bearer token and the request did not carry it."""
+
+
+class Conflict(RuntimeError):
+    """A body the published schema accepts that the server's state refuses, such as an event
+    later than the server's clock allows (JSON Schema cannot say "now"): one (loc, msg, type)
+    per field, answered as a 409 in the validation shape."""
+
+    def __init__(self, issues: Sequence[tuple[Sequence[str | int], str, str]]) -> None:
+        super().__init__("; ".join(msg for _, msg, _ in issues))
+        self.issues = issues
 
 
 class Forbidden(RuntimeError):
@@ -111,6 +125,20 @@ def _issue(error: dict[str, Any]) -> dict[str, Any]:
     return {"loc": loc, "field": path, "msg": f"{path}: {msg}", "type": kind}
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route of the app serves at the request's path."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
+               for route in routes)
+    ]  # fmt: skip
+
+
 def install_error_handlers(app: FastAPI, metrics: Metrics, retry_after_seconds: int = 1) -> None:
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -141,7 +169,18 @@ def install_error_handlers(app: FastAPI, metrics: Metrics, retry_after_seconds: 
             }
             return json_response({"detail": [issue]}, status_code=400)
         headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route on the path only (GET and POST
+            # /admin/model are two routes).
+            others = {k: v for k, v in (headers or {}).items() if k.lower() != "allow"}
+            headers = others | {"allow": ", ".join(allowed_methods(request))}
         return json_response({"detail": exc.detail}, exc.status_code, headers=headers)
+
+    async def on_conflict(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Conflict)
+        metrics.errors.labels(kind="validation").inc()
+        issues = [_issue({"loc": loc, "msg": msg, "type": kind}) for loc, msg, kind in exc.issues]
+        return json_response({"detail": issues}, status_code=409)
 
     async def on_store_error(request: Request, exc: Exception) -> Response:
         metrics.errors.labels(kind="store").inc()
@@ -182,5 +221,6 @@ def install_error_handlers(app: FastAPI, metrics: Metrics, retry_after_seconds: 
     app.add_exception_handler(Overloaded, on_overloaded)
     app.add_exception_handler(Unauthorized, on_unauthorized)
     app.add_exception_handler(Forbidden, on_forbidden)
+    app.add_exception_handler(Conflict, on_conflict)
     app.add_exception_handler(ModelError, on_model_error)
     app.add_exception_handler(Exception, on_unexpected)

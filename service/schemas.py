@@ -185,18 +185,9 @@ class ItemIn(_Strict):
 class ItemsRequest(_Strict):
     items: list[ItemIn] = Field(
         min_length=1,
-        description="1..max_items_per_put items with unique ids (max_items_per_put is in "
-        "GET /model).",
+        description="1..max_items_per_put items (max_items_per_put is in GET /model), written "
+        "in order: an id given twice ends with the attributes of its last entry.",
     )
-
-    @field_validator("items")
-    @classmethod
-    def _unique(cls, items: list[ItemIn]) -> list[ItemIn]:
-        counts = Counter(item.item_id for item in items)
-        duplicated = sorted(i for i, n in counts.items() if n > 1)
-        if duplicated:
-            raise ValueError(f"item ids must be unique in a batch; duplicated: {duplicated[:20]}")
-        return items
 
 
 class ItemFeatures(BaseModel):
@@ -212,8 +203,11 @@ class ItemFeatures(BaseModel):
 
 
 class ItemsResponse(BaseModel):
-    upserted: int = Field(description="Items written (every item of the request).")
-    items: list[ItemFeatures] = Field(description="Per item, in request order: its OOV fields.")
+    upserted: int = Field(description="Items written: the distinct ids of the request.")
+    items: list[ItemFeatures] = Field(
+        description="Per item written, in the order of its first entry (with the attributes of "
+        "its last): its OOV fields."
+    )
 
 
 class ValidationIssue(BaseModel):
@@ -256,7 +250,7 @@ class Limits(BaseModel):
         default=MAX_TIMESTAMP, description="Largest event timestamp, unix seconds (2100-01-01)."
     )
     max_clock_skew_seconds: float = Field(
-        description="An event timestamp further than this in the future (server clock) is a 422."
+        description="An event timestamp further than this in the future (server clock) is a 409."
     )
     max_body_bytes: int = Field(description="Largest request body; larger is a 413.")
     max_history: int = Field(

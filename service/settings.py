@@ -172,7 +172,7 @@ class Settings(BaseSettings):
         default=300.0,
         ge=0,
         description="How far in the future an event timestamp may be (against this server's "
-        "clock) before it is a 422: with time decay on, a future event would freeze the user's "
+        "clock) before it is a 409: with time decay on, a future event would freeze the user's "
         "reference time.",
     )
     max_history: int | None = Field(

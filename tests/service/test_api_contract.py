@@ -348,3 +348,11 @@ async def test_an_integral_float_is_an_integer_wherever_the_schema_says_integer(
     for fraction in ({"user_id": 4718.5}, {"item_id": 0.5}, {"top": 2.5}):
         refused = await client.post("/explain", json={"user_id": 1, "item_id": 2, **fraction})
         assert refused.status_code == 422
+
+
+async def test_a_405_allows_every_method_of_the_path(client: httpx.AsyncClient) -> None:
+    """GET and POST /admin/model are two routes: the 405 names both, not the first one's only."""
+    response = await client.request("OPTIONS", "/admin/model")
+    assert response.status_code == 405
+    assert response.headers.get_list("allow") == ["GET, POST"]
+    assert (await client.delete("/rank")).headers["allow"] == "POST"
