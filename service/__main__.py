@@ -35,13 +35,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if refusal is not None:
         logger.error("%s", refusal)
         return 2
-    log_access(settings, logger)
     try:
         check_model_dir(settings.model_dir)
     except ModelDirectoryError as error:
         logger.debug("model directory check failed", exc_info=error.__cause__ or error)
         logger.error("%s", error)
         return 2
+    log_access(settings, logger)
     workers = settings.resolved_workers()
     if workers > 1 and settings.store == "memory":
         logger.error(

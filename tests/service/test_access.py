@@ -16,7 +16,7 @@ import pytest
 
 from loadtest.harness import running_service
 from service.__main__ import main
-from service.access import is_loopback, match_token
+from service.access import is_loopback, log_access, match_token
 from service.rate_limits import ClientRateLimits
 from tests.support import T0, make_settings, service_client
 
@@ -143,6 +143,24 @@ def test_a_network_bind_without_a_token_refuses_to_start(
     assert message.startswith(f"refusing to serve on {host}:8000 without an api_token")
     for remedy in ("IFA_API_TOKEN", "--host 127.0.0.1", "--allow-unauthenticated-writes"):
         assert remedy in message
+
+
+def test_the_start_says_what_a_caller_without_a_token_may_do(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logger = logging.getLogger("test-access")
+    with caplog.at_level(logging.INFO, logger="test-access"):
+        log_access(make_settings(Path("."), host="127.0.0.1"), logger)
+        log_access(
+            make_settings(Path("."), host="0.0.0.0", api_token=f"{TOKEN},{OLD_TOKEN}"), logger
+        )
+    loopback, closed = caplog.records
+    assert loopback.levelno == logging.WARNING
+    assert "POST /events, PUT /items and POST /explain are open to any caller on this machine" in (
+        loopback.getMessage()
+    )
+    assert closed.levelno == logging.INFO
+    assert closed.getMessage().endswith("and /admin require a bearer token (2 accepted)")
 
 
 @pytest.mark.e2e
