@@ -21,13 +21,15 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(PY) -m model.demo --out $(MODEL_DIR) --world $(DEMO_WORLD)
 
+# Loopback only: without a token the write routes are open, so they stay on this machine (a
+# network bind needs IFA_API_TOKEN; deploy/README.md, "What an operator must set").
 run: demo
-	$(PY) -m service --host 0.0.0.0 --port $(PORT) --model-dir $(MODEL_DIR) --seed-world $(DEMO_WORLD)
+	$(PY) -m service --host 127.0.0.1 --port $(PORT) --model-dir $(MODEL_DIR) --seed-world $(DEMO_WORLD)
 
 # The same on the Redis store: IFA_REDIS_URL, else REDIS_URL, else redis://127.0.0.1:6379/0.
 # The demo world's histories are written once; users that already have a log are left alone.
 run-redis: demo
-	$(PY) -m service --host 0.0.0.0 --port $(PORT) --model-dir $(MODEL_DIR) --seed-world $(DEMO_WORLD) --store redis
+	$(PY) -m service --host 127.0.0.1 --port $(PORT) --model-dir $(MODEL_DIR) --seed-world $(DEMO_WORLD) --store redis
 
 system-deps:
 	bash scripts/install-system-deps.sh

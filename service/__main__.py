@@ -16,6 +16,7 @@ from typing import Any
 
 import uvicorn
 
+from service.access import bind_refusal, log_access
 from service.app import create_app
 from service.metrics import MULTIPROCESS_ENV
 from service.runtime import ModelDirectoryError, check_model_dir
@@ -30,12 +31,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    refusal = bind_refusal(settings)
+    if refusal is not None:
+        logger.error("%s", refusal)
+        return 2
     try:
         check_model_dir(settings.model_dir)
     except ModelDirectoryError as error:
         logger.debug("model directory check failed", exc_info=error.__cause__ or error)
         logger.error("%s", error)
         return 2
+    log_access(settings, logger)
     workers = settings.resolved_workers()
     if workers > 1 and settings.store == "memory":
         logger.error(

@@ -8,7 +8,7 @@ import asyncio
 import gc
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,23 +18,25 @@ import torch
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from service.access import document_access
 from service.activity import ActivityTracker
 from service.admission import AdmissionMiddleware
 from service.api import admin, events, explain, health, info, items, rank
-from service.api.deps import Services
+from service.api.deps import Services, require_admin_token, require_token
 from service.api.docs import install_docs
 from service.arrivals import ArrivalLogMiddleware
 from service.errors import install_error_handlers
-from service.explain import EagerNets, RateLimit
+from service.explain import EagerNets
 from service.items import LiveCatalogue
 from service.loop_lag import watch_loop_lag
 from service.metrics import Metrics, retire_worker
 from service.middleware import HttpMetricsMiddleware
 from service.model_queue import ModelQueue
 from service.ranker import Ranker
+from service.rate_limits import ClientRateLimits
 from service.rollout import ModelHolder, Rollout, Serving
 from service.runtime import ModelRuntime, load_runtime
-from service.schemas import MAX_ID
+from service.schemas import MAX_ID, MIN_ATTRIBUTE
 from service.seed import load_seed
 from service.settings import Settings
 from service.stores import open_store, store_location
@@ -59,7 +61,10 @@ SHUTDOWN_DRAIN_SECONDS = 2.0
 """How long shutdown waits for background state write-backs before closing the store."""
 
 EXPLAIN_BURST = 5
-"""/explain calls a worker accepts at once before its rate limit applies."""
+"""/explain calls a worker accepts at once from one client before its rate limit applies."""
+
+ROUTES = (rank, events, items, explain, admin, health, info)
+"""The modules whose routers make the API."""
 
 WARMUP_CANDIDATES = (1, 100, 1000)
 """Candidate-set sizes scored once at start, so the first requests do not pay for program
@@ -111,7 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.arrival_log is not None:
         app.add_middleware(ArrivalLogMiddleware, directory=settings.arrival_log)
     install_error_handlers(app, metrics, settings.retry_after_seconds)
-    for module in (rank, events, items, explain, admin, health, info):
+    for module in ROUTES:
         app.include_router(module.router)
     install_docs(app)
     _document_runtime_limits(app, settings)
@@ -235,7 +240,7 @@ async def start(settings: Settings, metrics: Metrics) -> Services:
         rollout,
         activity,
         EagerNets(),
-        RateLimit(settings.explain_rate_per_second, EXPLAIN_BURST),
+        ClientRateLimits(settings.explain_rate_per_second, EXPLAIN_BURST),
     )
 
 
@@ -278,8 +283,9 @@ def warm_up(runtime: ModelRuntime) -> None:
 
 
 def _document_runtime_limits(app: FastAPI, settings: Settings) -> None:
-    """Write limits known only at run time into the OpenAPI document: max_candidates,
-    max_events_per_post and, once the model is loaded, the action vocabulary."""
+    """Write what is known only at run time into the OpenAPI document: max_candidates,
+    max_events_per_post, which routes need the bearer token and, once the model is loaded, the
+    action vocabulary and the item attributes PUT /items accepts."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
@@ -290,8 +296,10 @@ def _document_runtime_limits(app: FastAPI, settings: Settings) -> None:
             summary=app.summary,
             routes=app.routes,
         )
+        routers = [module.router for module in ROUTES]
+        document_access(schema, routers, settings, require_token, require_admin_token)
         components = schema.get("components", {}).get("schemas", {})
-        _exact_id_bounds(components)
+        _exact_integer_bounds(components)
         if "RankRequest" in components:
             components["RankRequest"]["properties"]["candidate_ids"]["maxItems"] = (
                 settings.max_candidates
@@ -307,20 +315,36 @@ def _document_runtime_limits(app: FastAPI, settings: Settings) -> None:
         services = app.state.services
         if isinstance(services, Services) and "EventIn" in components:
             components["EventIn"]["properties"]["action"]["enum"] = list(services.runtime.actions)
+            if "ItemIn" in components:
+                _declare_item_fields(components["ItemIn"], services.ranker.items.attribute_names)
             app.openapi_schema = schema  # complete: cache it
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _exact_id_bounds(node: Any) -> None:
-    """FastAPI's OpenAPI model keeps ``maximum`` as a float, which rounds 2^63 - 1 up to 2^63;
-    put the exact integer back so that generated clients get the real bound."""
+def _declare_item_fields(item: dict[str, Any], fields: Sequence[str]) -> None:
+    """An item's attributes as the model's fields, each optional, and no other key: PUT /items
+    refuses an attribute the model does not have."""
+    attributes = item["properties"]["attributes"]
+    value = attributes.pop("additionalProperties")
+    attributes["properties"] = {name: value for name in fields}
+    attributes["additionalProperties"] = False
+
+
+def _exact_integer_bounds(node: Any) -> None:
+    """FastAPI's OpenAPI model keeps ``maximum`` and ``minimum`` as floats, which round 2^63 - 1
+    up to 2^63 and print -2^63 as -9.223372036854776e18, a bound a validator comparing in floats
+    reads as admitting -2^63 - 1; put the exact integers back so that generated clients and
+    schema validators get the real bounds."""
     if isinstance(node, dict):
-        if node.get("maximum") == float(MAX_ID) and node.get("type") == "integer":
-            node["maximum"] = MAX_ID
+        if node.get("type") == "integer":
+            if node.get("maximum") == float(MAX_ID):
+                node["maximum"] = MAX_ID
+            if node.get("minimum") == float(MIN_ATTRIBUTE):
+                node["minimum"] = MIN_ATTRIBUTE
         for value in node.values():
-            _exact_id_bounds(value)
+            _exact_integer_bounds(value)
     elif isinstance(node, list):
         for value in node:
-            _exact_id_bounds(value)
+            _exact_integer_bounds(value)

@@ -2,9 +2,13 @@
 
 * validation (422, or 400 for a body that is not JSON): ``{"detail": [{loc, field, msg, type}]}``
   where ``msg`` starts with the field it is about, e.g. ``candidate_ids[3]: Input should be ...``;
+  a body the published schema accepts but the server's state refuses (an event timestamp past
+  the server's clock) is a 409 in the same shape;
+* a method the path does not serve: 405 whose ``Allow`` lists every method the path serves;
 * store unreachable, the worker overloaded, the request budget spent, or the model not loaded
   yet: 503 ``{"detail": "..."}`` with ``Retry-After``;
-* /events without the bearer token it requires: 401 with ``WWW-Authenticate: Bearer``;
+* a route that requires the bearer token called without one: 401 with ``WWW-Authenticate:
+  Bearer``; with a token that is not accepted: 403;
 * a model failure or anything unexpected: 500 ``{"detail": "..."}``.
 
 Bodies never carry internal exception text (a Redis error names hosts and commands): the cause
@@ -22,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from service.metrics import Metrics
 from service.stores.base import StoreError
@@ -47,6 +52,20 @@ class Overloaded(RuntimeError):
 
 class Unauthorized(RuntimeError):
     """The route requires the bearer token and the request did not carry it."""
+
+
+class Conflict(RuntimeError):
+    """A body the published schema accepts that the server's state refuses, such as an event
+    later than the server's clock allows (JSON Schema cannot say "now"): one (loc, msg, type)
+    per field, answered as a 409 in the validation shape."""
+
+    def __init__(self, issues: Sequence[tuple[Sequence[str | int], str, str]]) -> None:
+        super().__init__("; ".join(msg for _, msg, _ in issues))
+        self.issues = issues
+
+
+class Forbidden(RuntimeError):
+    """The request carried a bearer token that is not accepted (or the route is refused)."""
 
 
 def json_response(
@@ -106,6 +125,20 @@ def _issue(error: dict[str, Any]) -> dict[str, Any]:
     return {"loc": loc, "field": path, "msg": f"{path}: {msg}", "type": kind}
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route of the app serves at the request's path."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
+               for route in routes)
+    ]  # fmt: skip
+
+
 def install_error_handlers(app: FastAPI, metrics: Metrics, retry_after_seconds: int = 1) -> None:
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -136,7 +169,18 @@ def install_error_handlers(app: FastAPI, metrics: Metrics, retry_after_seconds: 
             }
             return json_response({"detail": [issue]}, status_code=400)
         headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route on the path only (GET and POST
+            # /admin/model are two routes).
+            others = {k: v for k, v in (headers or {}).items() if k.lower() != "allow"}
+            headers = others | {"allow": ", ".join(allowed_methods(request))}
         return json_response({"detail": exc.detail}, exc.status_code, headers=headers)
+
+    async def on_conflict(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Conflict)
+        metrics.errors.labels(kind="validation").inc()
+        issues = [_issue({"loc": loc, "msg": msg, "type": kind}) for loc, msg, kind in exc.issues]
+        return json_response({"detail": issues}, status_code=409)
 
     async def on_store_error(request: Request, exc: Exception) -> Response:
         metrics.errors.labels(kind="store").inc()
@@ -156,6 +200,10 @@ def install_error_handlers(app: FastAPI, metrics: Metrics, retry_after_seconds: 
             {"detail": str(exc)}, 401, headers={"www-authenticate": 'Bearer realm="ifa"'}
         )
 
+    async def on_forbidden(request: Request, exc: Exception) -> Response:
+        metrics.errors.labels(kind="forbidden").inc()
+        return json_response({"detail": str(exc)}, 403)
+
     async def on_model_error(request: Request, exc: Exception) -> Response:
         metrics.errors.labels(kind="model").inc()
         logger.exception("model error on %s", request.url.path, exc_info=exc)
@@ -172,5 +220,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics, retry_after_seconds: 
     app.add_exception_handler(NotReady, on_not_ready)
     app.add_exception_handler(Overloaded, on_overloaded)
     app.add_exception_handler(Unauthorized, on_unauthorized)
+    app.add_exception_handler(Forbidden, on_forbidden)
+    app.add_exception_handler(Conflict, on_conflict)
     app.add_exception_handler(ModelError, on_model_error)
     app.add_exception_handler(Exception, on_unexpected)

@@ -50,7 +50,8 @@ UNKNOWN_ITEM_REASONS = ("unknown_id", "unknown_attribute")
 ITEM_CACHE_OUTCOMES = ("hit", "miss", "degraded")
 INGEST_OUTCOMES = ("accepted", "duplicate")
 ERROR_KINDS = (
-    "validation", "store", "model", "internal", "overloaded", "unauthorized", "too_large",
+    "validation", "store", "model", "internal", "overloaded", "unauthorized", "forbidden",
+    "too_large",
 )  # fmt: skip
 STATE_REPAIRS = ("undecodable", "non_finite", "cursor_beyond_log", "window_unreachable")
 ROLLOUT_OUTCOMES = ("switched", "failed")
@@ -124,7 +125,8 @@ class Metrics:
         self.errors = Counter(
             "ifa_errors_total",
             "Failed requests by kind: validation, store, model, internal, overloaded (503 with "
-            "Retry-After: in-flight limit or budget spent), unauthorized, too_large (413).",
+            "Retry-After: in-flight limit or budget spent), unauthorized (401: no bearer token), "
+            "forbidden (403: a token not accepted), too_large (413).",
             ["kind"],
             registry=r,
         )

@@ -1,7 +1,8 @@
 """Wire format of the API (DESIGN §5). Fields may be added, never renamed.
 
-Validation happens here, at the edge: ids are strict non-negative 64-bit integers (no floats, no
-strings, no booleans), candidate ids are unique. Limits that depend on settings or on the model
+Validation happens here, at the edge: ids are non-negative 64-bit integers (JSON integers, or a
+number with no fraction such as 4718.0, which JSON Schema calls an integer too; no strings, no
+booleans), candidate ids are unique. Limits that depend on settings or on the model
 (``max_candidates``, ``max_events_per_post``, the action vocabulary) are checked by the routes
 and written into the OpenAPI document by :func:`service.app.create_app`.
 """
@@ -11,12 +12,25 @@ from __future__ import annotations
 from collections import Counter
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 MAX_ID = 2**63 - 1
 MAX_TIMESTAMP = 4_102_444_800.0
 """2100-01-01 in unix seconds: larger values are milliseconds or nonsense, not seconds."""
 MAX_EVENT_ID_LENGTH = 128
+
+
+def _integral_number(value: object) -> object:
+    """4718.0 as 4718: JSON Schema's ``integer`` is any number without a fraction, and some JSON
+    writers print one so. Anything else goes to strict validation as it is (a bool, a string or
+    a fraction is refused there)."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+IntegralNumber = BeforeValidator(_integral_number)
+"""Put on a strict int field: it accepts what JSON Schema's ``integer`` does."""
 
 Id = Annotated[
     int,
@@ -24,8 +38,10 @@ Id = Annotated[
         strict=True,
         ge=0,
         le=MAX_ID,
-        description="Non-negative 64-bit integer id (a JSON integer: no float, string or bool).",
+        description="Non-negative 64-bit integer id (a JSON integer, or a number with no "
+        "fraction: 4718.0; no string or bool).",
     ),
+    IntegralNumber,
 ]
 Timestamp = Annotated[
     float,
@@ -48,15 +64,13 @@ class RankRequest(_Strict):
     user_id: Id = Field(description="The user to rank for; unknown users get an empty history.")
     candidate_ids: list[Id] = Field(
         min_length=1,
+        json_schema_extra={"uniqueItems": True},
         description="The candidate set, scored in one pass: 1..max_candidates unique item ids "
         "(max_candidates is in GET /model). Unknown ids are scored with out-of-vocabulary "
         "embeddings and counted in unknown_items.",
     )
-    k: int | None = Field(
+    k: Annotated[int, Field(strict=True, ge=1, le=MAX_ID), IntegralNumber] | None = Field(
         default=None,
-        strict=True,
-        ge=1,
-        le=MAX_ID,
         description="Items to return, best first; fewer when the set is smaller. "
         "Omitted: the service's default_k (GET /model).",
     )
@@ -155,6 +169,7 @@ AttributeValue = Annotated[
         description="Raw attribute value, a 64-bit JSON integer; one outside the field's "
         "vocabulary (GET /model, catalogue.item_fields) is out-of-vocabulary for that field.",
     ),
+    IntegralNumber,
 ]
 
 
@@ -170,18 +185,9 @@ class ItemIn(_Strict):
 class ItemsRequest(_Strict):
     items: list[ItemIn] = Field(
         min_length=1,
-        description="1..max_items_per_put items with unique ids (max_items_per_put is in "
-        "GET /model).",
+        description="1..max_items_per_put items (max_items_per_put is in GET /model), written "
+        "in order: an id given twice ends with the attributes of its last entry.",
     )
-
-    @field_validator("items")
-    @classmethod
-    def _unique(cls, items: list[ItemIn]) -> list[ItemIn]:
-        counts = Counter(item.item_id for item in items)
-        duplicated = sorted(i for i, n in counts.items() if n > 1)
-        if duplicated:
-            raise ValueError(f"item ids must be unique in a batch; duplicated: {duplicated[:20]}")
-        return items
 
 
 class ItemFeatures(BaseModel):
@@ -197,8 +203,11 @@ class ItemFeatures(BaseModel):
 
 
 class ItemsResponse(BaseModel):
-    upserted: int = Field(description="Items written (every item of the request).")
-    items: list[ItemFeatures] = Field(description="Per item, in request order: its OOV fields.")
+    upserted: int = Field(description="Items written: the distinct ids of the request.")
+    items: list[ItemFeatures] = Field(
+        description="Per item written, in the order of its first entry (with the attributes of "
+        "its last): its OOV fields."
+    )
 
 
 class ValidationIssue(BaseModel):
@@ -241,7 +250,7 @@ class Limits(BaseModel):
         default=MAX_TIMESTAMP, description="Largest event timestamp, unix seconds (2100-01-01)."
     )
     max_clock_skew_seconds: float = Field(
-        description="An event timestamp further than this in the future (server clock) is a 422."
+        description="An event timestamp further than this in the future (server clock) is a 409."
     )
     max_body_bytes: int = Field(description="Largest request body; larger is a 413.")
     max_history: int = Field(
@@ -309,7 +318,4 @@ STORE_RESPONSES: dict[int | str, dict[str, object]] = {
         "description": "Unavailable now (state store, worker overloaded, request budget spent); "
         "retry after Retry-After seconds.",
     },
-}
-AUTH_RESPONSES: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorResponse, "description": "The api_token is set and was not sent."},
 }

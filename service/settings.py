@@ -15,7 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretBytes, SecretStr, ValidationError, model_validator
+from pydantic import (
+    Field,
+    SecretBytes,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 from pydantic_settings import (
@@ -148,14 +155,24 @@ class Settings(BaseSettings):
     )
     api_token: SecretStr | None = Field(
         default=None,
-        description="Bearer token /events requires (Authorization: Bearer <token>); unset, "
-        "/events is open. Mount it from a Kubernetes Secret.",
+        description="Bearer token that POST /events, PUT /items, POST /explain and /admin "
+        "require (Authorization: Bearer <token>); several, comma-separated, are each accepted "
+        "(a rotation: new,old). Mount it from a Kubernetes Secret. Unset, the service refuses "
+        "to bind a non-loopback host unless allow_unauthenticated_writes is set; on loopback "
+        "those routes are open to local callers and /admin is refused.",
+    )
+    allow_unauthenticated_writes: bool = Field(
+        default=False,
+        description="Start on a non-loopback host without an api_token: POST /events, PUT "
+        "/items and POST /explain are then open to anyone who reaches the port (histories "
+        "written, item features changed, any user's history read). For a network that only "
+        "trusted callers reach; logged as a warning at start. /admin stays refused.",
     )
     max_clock_skew_seconds: float = Field(
         default=300.0,
         ge=0,
         description="How far in the future an event timestamp may be (against this server's "
-        "clock) before it is a 422: with time decay on, a future event would freeze the user's "
+        "clock) before it is a 409: with time decay on, a future event would freeze the user's "
         "reference time.",
     )
     max_history: int | None = Field(
@@ -317,11 +334,33 @@ class Settings(BaseSettings):
             logger.warning("store=memory was set explicitly: the Redis URL given is not used")
         return self
 
+    @field_validator("api_token")
+    @classmethod
+    def _tokens_are_not_empty(cls, token: SecretStr | None) -> SecretStr | None:
+        """An empty token would let an empty credential in: refused rather than read as unset."""
+        if token is not None and not all(split_tokens(token.get_secret_value())):
+            raise ValueError(
+                "an empty token (or an empty entry of a comma-separated list) is not a token; "
+                "unset api_token instead"
+            )
+        return token
+
+    def accepted_tokens(self) -> tuple[bytes, ...]:
+        """The bearer tokens a request may carry (empty: no token is configured)."""
+        if self.api_token is None:
+            return ()
+        return tuple(t.encode() for t in split_tokens(self.api_token.get_secret_value()))
+
     def resolved_max_history(self, manifest_max_history: int | None) -> int:
         """The history cap: this setting, else the training window of the model, else 1000."""
         if self.max_history is not None:
             return self.max_history
         return manifest_max_history if manifest_max_history is not None else DEFAULT_MAX_HISTORY
+
+
+def split_tokens(value: str) -> list[str]:
+    """The tokens of an api_token value: comma-separated, surrounding blanks dropped."""
+    return [token.strip() for token in value.split(",")]
 
 
 class PlainRedisUrl(PydanticBaseSettingsSource):

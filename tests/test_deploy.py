@@ -8,6 +8,7 @@ Validators: ``docker-compose config`` (Debian's docker-compose; no Docker engine
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -28,8 +29,15 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "ifa-latency.json"
 START_COMMAND = ["python", "-m", "service", "--host", "0.0.0.0", "--port", "8000", "--model-dir"]
 
 
-def run(*command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+def run(*command: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=120, check=False, env=env
+    )
+
+
+def compose_environment(**variables: str) -> dict[str, str]:
+    """This process's environment without IFA_API_TOKEN, plus ``variables``."""
+    return {k: v for k, v in os.environ.items() if k != "IFA_API_TOKEN"} | variables
 
 
 def k8s_documents() -> dict[str, dict[str, Any]]:
@@ -60,7 +68,8 @@ def test_promtool_accepts_the_config_and_rules() -> None:
 
 def test_docker_compose_accepts_the_stack() -> None:
     compose = require_binary("docker-compose", "docker-compose")
-    result = run(compose, "-f", str(COMPOSE), "config")
+    environment = compose_environment(IFA_API_TOKEN="compose-token")
+    result = run(compose, "-f", str(COMPOSE), "config", env=environment)
     assert result.returncode == 0, result.stdout + result.stderr
     services = yaml.safe_load(result.stdout)["services"]
     assert {"ranker", "redis", "prometheus", "grafana"} <= set(services)
@@ -72,6 +81,8 @@ def test_docker_compose_accepts_the_stack() -> None:
     # One single-threaded worker per CPU, as measured in results/capacity.md.
     assert int(ranker["environment"]["IFA_WORKERS"]) == int(float(ranker["cpus"]))
     assert ranker["environment"]["IFA_TORCH_THREADS"] == "1"
+    # The ranker binds 0.0.0.0, so it needs the token, which comes from the operator.
+    assert ranker["environment"]["IFA_API_TOKEN"] == "compose-token"
 
     mounts = {v.split(":")[1]: v.split(":")[0] for v in services["grafana"]["volumes"]}
     assert mounts["/etc/grafana/provisioning"] == str(DEPLOY / "grafana" / "provisioning")
@@ -80,6 +91,13 @@ def test_docker_compose_accepts_the_stack() -> None:
         v.split(":")[1]: v.split(":")[0] for v in services["prometheus"]["volumes"]
     }
     assert prometheus_mounts["/etc/prometheus"] == str(DEPLOY / "prometheus")
+
+
+def test_docker_compose_refuses_to_start_without_a_token() -> None:
+    compose = require_binary("docker-compose", "docker-compose")
+    result = run(compose, "-f", str(COMPOSE), "config", env=compose_environment())
+    assert result.returncode != 0
+    assert "set IFA_API_TOKEN to a secret token" in result.stdout + result.stderr
 
 
 def test_grafana_provisioning_matches_the_dashboard() -> None:
@@ -143,6 +161,12 @@ def test_ranker_deployment_contract() -> None:
         "containerName": container["name"], "resource": "limits.cpu", "divisor": "1",
     }  # fmt: skip
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    # Bound to 0.0.0.0, the service needs its token: the Secret is required, not optional.
+    token = env["IFA_API_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert token["optional"] is False
+    assert (token["name"], token["key"]) == ("ifa-ranker", "api-token")
+    assert "allow-unauthenticated-writes" not in " ".join(container["command"])
+    assert "IFA_ALLOW_UNAUTHENTICATED_WRITES" not in env
 
     config_map = documents[f"ConfigMap/{container['envFrom'][0]['configMapRef']['name']}"]
     assert config_map["data"]["IFA_STORE"] == "redis"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
-from service.api.deps import ServicesDep, TokenDep, get_settings
+from service.api.deps import AdminTokenDep, ServicesDep
 from service.rollout import UnknownVersion
-from service.schemas import AUTH_RESPONSES, VALIDATION_RESPONSES, ErrorResponse
+from service.schemas import VALIDATION_RESPONSES, ErrorResponse
 
 router = APIRouter(prefix="/admin", tags=["operations"])
 
@@ -39,12 +39,6 @@ class RolloutState(BaseModel):
     history: list[str] = Field(description="Versions this worker has served, oldest first.")
 
 
-def require_admin_token(request: Request) -> None:
-    """The admin route is never open: without an api_token it is refused."""
-    if get_settings(request).api_token is None:
-        raise HTTPException(403, "set api_token (IFA_API_TOKEN) to use /admin")
-
-
 def _state(services: ServicesDep) -> RolloutState:
     runtime, status = services.runtime, services.rollout.status
     return RolloutState(
@@ -64,10 +58,8 @@ def _state(services: ServicesDep) -> RolloutState:
     "/model",
     response_model=RolloutState,
     summary="The version this worker serves and its rollout's progress",
-    responses={**AUTH_RESPONSES, 403: {"model": ErrorResponse}},
 )
-async def get_model(request: Request, services: ServicesDep, _: TokenDep) -> RolloutState:
-    require_admin_token(request)
+async def get_model(services: ServicesDep, _: AdminTokenDep) -> RolloutState:
     return _state(services)
 
 
@@ -81,17 +73,12 @@ async def get_model(request: Request, services: ServicesDep, _: TokenDep) -> Rol
     "workers sharing the directory follow at their next poll (model_poll_seconds). Answers at "
     "once: GET /admin/model shows the progress.",
     responses={
-        **AUTH_RESPONSES,
         **VALIDATION_RESPONSES,
-        403: {"model": ErrorResponse, "description": "No api_token is configured."},
         404: {"model": ErrorResponse, "description": "No such version in the model directory."},
         409: {"model": ErrorResponse, "description": "The model directory is not writable."},
     },
 )
-async def post_model(
-    body: RolloutRequest, request: Request, services: ServicesDep, _: TokenDep
-) -> RolloutState:
-    require_admin_token(request)
+async def post_model(body: RolloutRequest, services: ServicesDep, _: AdminTokenDep) -> RolloutState:
     try:
         services.rollout.publish(body.version)
     except UnknownVersion as error:

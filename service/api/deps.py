@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.access import match_token
 from service.activity import ActivityTracker
-from service.errors import NotReady, Unauthorized
-from service.explain import EagerNets, RateLimit
+from service.errors import Forbidden, NotReady, Unauthorized
+from service.explain import EagerNets
 from service.metrics import Metrics
 from service.ranker import Ranker
+from service.rate_limits import ClientRateLimits
 from service.rollout import ModelHolder, Rollout
 from service.runtime import ModelRuntime
 from service.settings import Settings
@@ -31,7 +32,7 @@ class Services:
     rollout: Rollout
     activity: ActivityTracker
     explain_nets: EagerNets
-    explain_limit: RateLimit
+    explain_limits: ClientRateLimits
 
     @property
     def runtime(self) -> ModelRuntime:
@@ -71,27 +72,36 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 _bearer = HTTPBearer(
     auto_error=False,
-    description="Required by /events when the service has an api_token (IFA_API_TOKEN).",
+    description="The api_token (IFA_API_TOKEN): POST /events, PUT /items, POST /explain and "
+    "/admin require it when one is configured.",
 )
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-async def require_token(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    """Refuse the request unless it carries the configured bearer token (if one is set)."""
-    token = get_settings(request).api_token
-    if token is None:
-        return
-    expected = token.get_secret_value().encode()
-    given = credentials.credentials.encode() if credentials is not None else b""
-    # Constant-time: the comparison must not tell an attacker how much of a guess was right.
-    if (
-        credentials is None
-        or credentials.scheme.lower() != "bearer"
-        or not hmac.compare_digest(given, expected)
-    ):
-        raise Unauthorized("a valid bearer token is required (Authorization: Bearer <token>)")
+def _accepted(credentials: HTTPAuthorizationCredentials | None, tokens: tuple[bytes, ...]) -> int:
+    """The index of the accepted token the request carries; 401 without one, 403 if wrong."""
+    if credentials is None:  # no Authorization header, or not the Bearer scheme
+        raise Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
+    index = match_token(credentials.credentials.encode(), tokens)
+    if index is None:
+        raise Forbidden("the bearer token is not accepted")
+    return index
 
 
-TokenDep = Annotated[None, Depends(require_token)]
+async def require_token(request: Request, credentials: BearerDep) -> int | None:
+    """The accepted token the request carries (its index), or None where no token is configured
+    and the route is open (:mod:`service.access` says when that may be)."""
+    tokens = get_settings(request).accepted_tokens()
+    return _accepted(credentials, tokens) if tokens else None
+
+
+async def require_admin_token(request: Request, credentials: BearerDep) -> int:
+    """As :func:`require_token`, but never open: without a configured token, a 403."""
+    tokens = get_settings(request).accepted_tokens()
+    if not tokens:
+        raise Forbidden("/admin is refused while no api_token is configured (set IFA_API_TOKEN)")
+    return _accepted(credentials, tokens)
+
+
+TokenDep = Annotated[int | None, Depends(require_token)]
+AdminTokenDep = Annotated[int, Depends(require_admin_token)]

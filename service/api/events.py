@@ -9,13 +9,13 @@ from fastapi import APIRouter, Request
 from service.api.deps import ServicesDep, TokenDep
 from service.api.fast_body import FastBodyRoute
 from service.api.writes import check_batch_size, within_budget
-from service.errors import validation_errors
+from service.errors import Conflict, validation_errors
 from service.schemas import (
-    AUTH_RESPONSES,
     STORE_RESPONSES,
     VALIDATION_RESPONSES,
     EventsRequest,
     EventsResponse,
+    ValidationErrorResponse,
 )
 from service.stores.base import NewEvent
 
@@ -31,7 +31,15 @@ router = APIRouter(tags=["events"], route_class=FastBodyRoute)
     "may arrive in any order; the next /rank folds them into the user's state. A 2xx means every "
     "event is in the store; a 503 means nothing was acknowledged: retry the same batch (the "
     "event ids make it safe).",
-    responses={**VALIDATION_RESPONSES, **STORE_RESPONSES, **AUTH_RESPONSES},
+    responses={
+        **VALIDATION_RESPONSES,
+        **STORE_RESPONSES,
+        409: {
+            "model": ValidationErrorResponse,
+            "description": "An event's timestamp is later than the server's clock allows "
+            "(server time + max_clock_skew_seconds, GET /model); each issue names the event.",
+        },
+    },
 )
 async def post_events(
     body: EventsRequest, request: Request, services: ServicesDep, _: TokenDep
@@ -59,7 +67,8 @@ async def post_events(
         if event.timestamp > latest
     ]  # fmt: skip
     if future:
-        raise validation_errors(future)
+        # A schema-valid body (the schema's bound is 2100) that the server's clock refuses.
+        raise Conflict(future)
     events = [
         NewEvent(e.event_id, e.user_id, e.item_id, index[e.action], e.timestamp)
         for e in body.events

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from service.api.deps import ServicesDep
+from service.api.deps import ServicesDep, TokenDep
 from service.errors import json_response
 from service.explain import ExplainUnavailable, explain, render
-from service.schemas import STORE_RESPONSES, VALIDATION_RESPONSES, ErrorResponse, Id, Timestamp
+from service.schemas import (
+    STORE_RESPONSES,
+    VALIDATION_RESPONSES,
+    ErrorResponse,
+    Id,
+    IntegralNumber,
+    Timestamp,
+)
 
 router = APIRouter(tags=["debugging"])
 
@@ -23,7 +31,7 @@ class ExplainRequest(BaseModel):
 
     user_id: Id = Field(description="The user whose history is explained.")
     item_id: Id = Field(description="The item whose score is explained.")
-    top: int = Field(
+    top: Annotated[int, IntegralNumber] = Field(
         default=20, strict=True, ge=1, le=MAX_TOP, description="Events listed per head."
     )
     request_time: Timestamp | None = Field(
@@ -82,21 +90,24 @@ class ExplainResponse(BaseModel):
     description="Weighs every event of the user's window for the item, as the model's linear "
     "attention does (exact, not sampled): per head and combined, the top events by weight, the "
     "attention mass and the share the listed events carry. It reads the user's whole window "
-    "(O(N)), so it is rate-limited per worker (explain_rate_per_second): not for the hot path.",
+    "(O(N)), so it is rate-limited per worker and client (explain_rate_per_second): not for the "
+    "hot path. It returns a user's history: it needs the api_token where one is configured.",
     responses={
         **VALIDATION_RESPONSES,
         **STORE_RESPONSES,
         429: {"model": ErrorResponse, "description": "Rate limit: retry after Retry-After."},
     },
 )
-async def post_explain(body: ExplainRequest, services: ServicesDep) -> Response:
-    wait = services.explain_limit.take()
+async def post_explain(
+    body: ExplainRequest, request: Request, services: ServicesDep, token: TokenDep
+) -> Response:
+    wait = services.explain_limits.take(client_key(request, token))
     if wait > 0:
         services.metrics.explains.labels(outcome="rate_limited").inc()
         retry = "3600" if math.isinf(wait) else str(max(1, math.ceil(wait)))
         raise HTTPException(
             429,
-            "explain_rate_per_second reached (0 turns /explain off); retry later",
+            "explain_rate_per_second reached for this client (0 turns /explain off); retry later",
             headers={"Retry-After": retry},
         )
     serving = services.model.current  # one version for the whole explanation
@@ -108,3 +119,10 @@ async def post_explain(body: ExplainRequest, services: ServicesDep) -> Response:
         return json_response({"detail": str(error)}, status_code=409)
     services.metrics.explains.labels(outcome="ok").inc()
     return json_response(render(explanation, body.top, serving.runtime.actions))
+
+
+def client_key(request: Request, token: int | None) -> str:
+    """Whose rate bucket a call spends: the accepted token's and the caller's address, so that
+    one client (even an operator's script, with the shared token) cannot lock out the others."""
+    address = request.client.host if request.client is not None else "unknown"
+    return f"{token if token is not None else '-'}@{address}"

@@ -4,12 +4,12 @@ FastAPI decodes a body with the stdlib ``json`` and validates it with pydantic; 
 thousand candidates that is a visible share of a request's CPU. Here a well-formed body is decoded
 with orjson and checked by hand against the rules of :mod:`service.schemas`, and the request model
 is built from it without a second validation. The check accepts only bodies pydantic accepts, with
-the same values: anything else (a bad id, a float where an int belongs, a missing or an unknown
-key, NaN, bytes orjson refuses, ...) goes to FastAPI's own decoding and validation, so every error
-answer is the one FastAPI gives.
+the same values: anything else (a bad id, any float where an int belongs, even an integral 4718.0
+that pydantic accepts, a missing or an unknown key, NaN, bytes orjson refuses, ...) goes to
+FastAPI's own decoding and validation, so every answer but the common case is the one FastAPI gives.
 
 Only the decoding step changes. FastAPI still reads the body, decides from the content-type whether
-it is JSON, solves the dependencies (the /events token), calls the route and handles its errors;
+it is JSON, solves the dependencies (the bearer token), calls the route and handles its errors;
 the routes and the OpenAPI document are those of a plain :class:`fastapi.routing.APIRoute`.
 """
 

@@ -8,7 +8,6 @@ from service.api.deps import ServicesDep, TokenDep
 from service.api.writes import check_batch_size, within_budget
 from service.errors import validation_errors
 from service.schemas import (
-    AUTH_RESPONSES,
     STORE_RESPONSES,
     VALIDATION_RESPONSES,
     ItemFeatures,
@@ -32,7 +31,7 @@ router = APIRouter(tags=["items"])
     "with an update within catalogue.cache_ttl_seconds; states already cached are not rewritten "
     "(events are folded with the features their item has when they are folded). A 2xx means "
     "every item is in the store; a 503 means none is acknowledged: retry the same batch.",
-    responses={**VALIDATION_RESPONSES, **STORE_RESPONSES, **AUTH_RESPONSES},
+    responses={**VALIDATION_RESPONSES, **STORE_RESPONSES},
 )
 async def put_items(
     body: ItemsRequest, request: Request, services: ServicesDep, _: TokenDep

@@ -91,7 +91,7 @@ MAX_ID = 2**63 - 1
         ({"user_id": 1, "candidate_ids": []}, "candidate_ids", "at least 1"),
         ({"user_id": 1, "candidate_ids": [4, -1]}, "candidate_ids[1]", "greater than or equal"),
         ({"user_id": 1, "candidate_ids": [1.5]}, "candidate_ids[0]", "valid integer"),
-        ({"user_id": 1, "candidate_ids": [3.0]}, "candidate_ids[0]", "valid integer"),
+        ({"user_id": 1, "candidate_ids": [3.5]}, "candidate_ids[0]", "valid integer"),
         ({"user_id": 1, "candidate_ids": ["7"]}, "candidate_ids[0]", "valid integer"),
         ({"user_id": 1, "candidate_ids": [True]}, "candidate_ids[0]", "valid integer"),
         ({"user_id": 1, "candidate_ids": [MAX_ID + 1]}, "candidate_ids[0]", str(MAX_ID)),
@@ -311,3 +311,48 @@ async def test_metrics_count_requests_by_route_template(client: httpx.AsyncClien
     info = (await client.get("/model")).json()
     assert value("ifa_model_info", version=info["version"]) == 1
     assert value("ifa_store_operation_duration_seconds_count", operation="snapshot") >= 1
+
+
+async def test_the_schema_declares_unique_candidates(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    candidate_ids = schema["components"]["schemas"]["RankRequest"]["properties"]["candidate_ids"]
+    assert candidate_ids["uniqueItems"] is True
+    # What the schema declares is what is enforced: 1 and 1.0 are the same JSON Schema value.
+    duplicated = await client.post("/rank", json={"user_id": 1, "candidate_ids": [1, 1.0]})
+    assert duplicated.status_code == 422
+
+
+async def test_an_integral_float_is_an_integer_wherever_the_schema_says_integer(
+    client: httpx.AsyncClient,
+) -> None:
+    """JSON Schema's integer is any number without a fraction: 4718.0 is one, as for
+    schema-driven clients; the answer is the one the plain integer gets."""
+    as_int = {"user_id": 4718, "candidate_ids": [11, 12, 13], "k": 2, "request_time": T0}
+    as_float = {"user_id": 4718.0, "candidate_ids": [11.0, 12, 13.0], "k": 2.0, "request_time": T0}
+    ranked = [(await client.post("/rank", json=body)) for body in (as_int, as_float)]
+    assert [r.status_code for r in ranked] == [200, 200]
+    assert ranked[0].json() == ranked[1].json()
+    event = {"event_id": "f1", "user_id": 4718.0, "item_id": 12.0, "action": "click",
+             "timestamp": T0}  # fmt: skip
+    posted = await client.post("/events", json={"events": [event]})
+    assert posted.json() == {"accepted": 1, "duplicates": 0}
+    again = await client.post("/events", json={"events": [{**event, "user_id": 4718}]})
+    assert again.json() == {"accepted": 0, "duplicates": 1}  # the same user, the same event
+    put = await client.put(
+        "/items", json={"items": [{"item_id": 5000.0, "attributes": {"category": 2.0}}]}
+    )
+    assert put.status_code == 200 and put.json()["items"][0]["item_id"] == 5000
+    explained = await client.post("/explain", json={"user_id": 4718.0, "item_id": 12.0, "top": 2.0})
+    assert explained.status_code == 200, explained.text
+    assert (explained.json()["user_id"], explained.json()["history_length"]) == (4718, 1)
+    for fraction in ({"user_id": 4718.5}, {"item_id": 0.5}, {"top": 2.5}):
+        refused = await client.post("/explain", json={"user_id": 1, "item_id": 2, **fraction})
+        assert refused.status_code == 422
+
+
+async def test_a_405_allows_every_method_of_the_path(client: httpx.AsyncClient) -> None:
+    """GET and POST /admin/model are two routes: the 405 names both, not the first one's only."""
+    response = await client.request("OPTIONS", "/admin/model")
+    assert response.status_code == 405
+    assert response.headers.get_list("allow") == ["GET, POST"]
+    assert (await client.delete("/rank")).headers["allow"] == "POST"

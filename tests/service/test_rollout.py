@@ -195,6 +195,6 @@ async def test_the_admin_call_needs_a_configured_token(export_root: Path) -> Non
         unknown = await client.post("/admin/model", json={"version": "ifa-nope"}, headers=AUTH)
         escape = await client.post("/admin/model", json={"version": "../x"}, headers=AUTH)
         same = await client.post("/admin/model", json={"version": version}, headers=AUTH)
-    assert (anonymous.status_code, wrong.status_code) == (401, 401)
+    assert (anonymous.status_code, wrong.status_code) == (401, 403)
     assert unknown.status_code == 404 and escape.status_code == 404
     assert same.status_code == 202 and same.json()["serving"] == version
