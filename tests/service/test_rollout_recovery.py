@@ -160,13 +160,13 @@ async def test_the_cleanup_keeps_the_states_of_versions_another_worker_serves(
         await services.ranker.drain(5)
         await services.activity.flush()
         counted = _CountedCleanups(services.rollout.store)
-        services.rollout.store = counted  # type: ignore[assignment]
+        services.rollout.store = counted
 
         # Another worker (another replica, or one whose rollout failed) stays on the first
         # encoder and says so, as its rollout's heartbeat does.
         async def other_worker() -> None:
             while True:
-                await store.advertise_serving("replica-b:1", {first.state_version}, 0.3)
+                await store.advertise_serving("replica-b:1", {str(first.state_version)}, 0.3)
                 await asyncio.sleep(0.05)
 
         behind = asyncio.create_task(other_worker())
