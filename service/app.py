@@ -149,6 +149,7 @@ async def start(settings: Settings, metrics: Metrics) -> Services:
             settings.program_format,
             settings.precision,
             queue,
+            settings.model_workers,
         )
         await loop.run_in_executor(executor, warm_up, runtime)
         max_history = settings.resolved_max_history(runtime.trained_max_history)

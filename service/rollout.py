@@ -327,6 +327,7 @@ class Rollout:
             settings.program_format,
             settings.precision,
             self.queue,
+            settings.model_workers,
         )
         await loop.run_in_executor(self._loader, self.prepare, runtime)
         return runtime
