@@ -12,7 +12,8 @@ Deadlines: the state (store round trips, folds) has ``state_budget_seconds``; pa
 the store fails, the request is answered from this worker's recent copy of the user's state, or
 an empty one, and says so (``state_cache: "degraded"``). Changed states are written back in the
 background: the response never waits for it. Concurrent misses of one user share one
-computation (single flight), so that a burst of requests for a cold user encodes its history once.
+computation (single flight), so that a burst of requests for a cold user encodes its history once;
+a request whose snapshot holds events the flight did not read folds them in (read-your-writes).
 """
 
 from __future__ import annotations
