@@ -78,6 +78,9 @@ ADVERTISE_SECONDS = 5.0
 ADVERTISE_TTL_SECONDS = 30.0
 """How long that record holds unless renewed: a killed worker's versions are no longer kept by
 a cleanup after this; a store outage shorter than it loses no worker's record."""
+CLEANUP_RECHECK_SECONDS = ADVERTISE_TTL_SECONDS
+"""While other versions are still served, the cleanup looks again after this (by then a killed
+worker's record has expired)."""
 
 Phase = Literal["serving", "loading", "warming", "failed"]
 
@@ -375,8 +378,9 @@ class Rollout:
                                 "(kept %s)", deleted, ", ".join(sorted(keep)))  # fmt: skip
                 if keep == {state_version}:
                     return
-            await asyncio.sleep(max(self.settings.rollout_cleanup_delay_seconds,
-                                    ADVERTISE_TTL_SECONDS))  # fmt: skip
+            await asyncio.sleep(
+                max(self.settings.rollout_cleanup_delay_seconds, CLEANUP_RECHECK_SECONDS)
+            )
 
     async def _advertise_serving(self) -> None:
         while True:

@@ -147,8 +147,8 @@ class _CountedCleanups:
 async def test_the_cleanup_keeps_the_states_of_versions_another_worker_serves(
     export_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The cleanup looks again after a record's lifetime: short here, so the test ends soon.
-    monkeypatch.setattr(rollout_module, "ADVERTISE_TTL_SECONDS", 0.3)
+    # The cleanup looks again after a record's lifetime: often here, so the test ends soon.
+    monkeypatch.setattr(rollout_module, "CLEANUP_RECHECK_SECONDS", 0.3)
     first = load_manifest(export_root)
     async with service_client(make_settings(export_root, **FAST)) as client:
         services = services_of(client)
@@ -166,7 +166,7 @@ async def test_the_cleanup_keeps_the_states_of_versions_another_worker_serves(
         # encoder and says so, as its rollout's heartbeat does.
         async def other_worker() -> None:
             while True:
-                await store.advertise_serving("replica-b:1", {str(first.state_version)}, 0.3)
+                await store.advertise_serving("replica-b:1", {str(first.state_version)}, 2.0)
                 await asyncio.sleep(0.05)
 
         behind = asyncio.create_task(other_worker())
