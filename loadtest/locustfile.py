@@ -6,9 +6,13 @@ come from ``IFA_LOADTEST_*`` environment variables (see :mod:`loadtest.traffic`)
 
 With ``IFA_LOADTEST_RECORD_DIR`` set, every request is also written to
 ``<dir>/requests-<pid>.jsonl``: start and end (unix seconds), route, status, the rank's
-``state_cache`` and ``model_version``, and the event ids a 2xx /events acknowledged. Fault tests
-judge a run by it (what was acknowledged, what each phase of an outage answered); the rollout
-measurement by the versions and cache outcomes over time.
+``user_id``, ``state_cache``, ``model_version`` and ``history_length``, and the event ids a 2xx
+/events acknowledged. Fault tests judge a run by it (what was acknowledged, what each phase of an
+outage answered, whether a rank missed an acknowledged event); the rollout measurement by the
+versions and cache outcomes over time.
+
+With ``IFA_LOADTEST_TOKEN`` set, /events carries it as a bearer token (a service with
+``IFA_API_TOKEN`` refuses anonymous writes).
 """
 
 from __future__ import annotations
@@ -29,6 +33,12 @@ from loadtest.traffic import Traffic, TrafficConfig, load_ids, poisson_wait
 CONFIG = TrafficConfig.from_env()
 JSON_HEADERS = {"content-type": "application/json"}
 RECORD_DIR_VARIABLE = "IFA_LOADTEST_RECORD_DIR"
+TOKEN_VARIABLE = "IFA_LOADTEST_TOKEN"
+WRITE_HEADERS = (
+    {"Authorization": f"Bearer {os.environ[TOKEN_VARIABLE]}"}
+    if os.environ.get(TOKEN_VARIABLE)
+    else {}
+)
 _traffic: Traffic | None = None
 _rank_bodies: Iterator[tuple[str, int]] | None = None
 _record: TextIO | None = None
@@ -90,8 +100,10 @@ class RankingUser(FastHttpUser):
                     "/rank",
                     started,
                     response.status_code,
+                    user_id=json.loads(body)["user_id"],
                     state_cache=answer.get("state_cache"),
                     model_version=answer.get("model_version"),
+                    history_length=answer.get("history_length"),
                 )
             if response.status_code != 200:
                 response.failure(f"status {response.status_code}: {response.text[:200]}")
@@ -105,7 +117,7 @@ class RankingUser(FastHttpUser):
         body = traffic().events_body()
         started = time.time()
         with self.client.post(
-            "/events", json=body, name="/events", catch_response=True
+            "/events", json=body, headers=WRITE_HEADERS, name="/events", catch_response=True
         ) as response:
             acknowledged = response.status_code in (200, 202)
             ids = [(e["user_id"], e["event_id"]) for e in body["events"]] if acknowledged else []

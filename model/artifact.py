@@ -558,11 +558,12 @@ def check_precision(manifest: Manifest, program_format: str, precision: str) -> 
 
 
 def load_artifact(
-    path: Path, program_format: str = "torchscript", precision: str = "fp32"
+    path: Path, program_format: str = "torchscript", precision: str = "fp32", runners: int = 1
 ) -> ServingModel:
     """Load an artefact's programs in one format ("auto": see :func:`resolve_format`), its
     scorer in ``precision`` ("fp32", "bf16" where :func:`check_precision` allows it, or "auto":
-    see :func:`resolve_precision`).
+    see :func:`resolve_precision`); ``runners`` is how many threads may run each program at once
+    (AOTInductor only: :func:`load_program_files`).
 
     ``path`` is an artefact directory or an export root with ``LATEST``. Raises ``ValueError``
     for a format that does not exist or that this artefact could not build (with the reason the
@@ -588,18 +589,22 @@ def load_artifact(
             f"artefact {manifest.version} has no {program_format!r} programs ({reason}); "
             f"available: {sorted(manifest.files)}"
         )
-    encoder, scorer = load_programs(directory, manifest, program_format, precision)
+    encoder, scorer = load_programs(directory, manifest, program_format, precision, runners)
     catalogue = Catalogue.load(directory / manifest.catalogue_file, manifest.feature_spec())
     manifest.state_version = artifact_state_version(manifest, directory, program_format)
     return ProgramModel(manifest, program_format, encoder, scorer, catalogue, directory, precision)
 
 
 def load_programs(
-    directory: Path, manifest: Manifest, program_format: str, precision: str = "fp32"
+    directory: Path,
+    manifest: Manifest,
+    program_format: str,
+    precision: str = "fp32",
+    runners: int = 1,
 ) -> tuple[Program, Program]:
     """The (encoder, scorer) callables of one format listed in ``manifest.files``."""
     files = {role: directory / name for role, name in manifest.files[program_format].items()}
-    return load_program_files(files, program_format, manifest.fusion, precision)
+    return load_program_files(files, program_format, manifest.fusion, precision, runners)
 
 
 def load_program_files(
@@ -607,9 +612,17 @@ def load_program_files(
     program_format: str,
     fusion: Mapping[str, float],
     precision: str = "fp32",
+    runners: int = 1,
 ) -> tuple[Program, Program]:
     """(encoder, scorer) from files by role ("encoder", "scorer", "scorer_bf16"; "checkpoint"
-    for eager), the scorer of ``precision``."""
+    for eager), the scorer of ``precision``.
+
+    torch's AOTInductor container gives each call a model instance (runner) of its own and
+    makes a caller wait while none is free (``aoti_runtime/model_container.h``), so each program
+    gets ``runners`` of them: one per thread that calls it (the service's event loop and its
+    model threads). Runners share the program's weights; each adds only its activation buffers
+    (under 1 MiB for the test model: ``python -m service.runner_bench``). The other formats run
+    concurrent calls as they are."""
     if program_format == "eager":
         # Imported here: the compiled formats must not need the network code to load.
         from model.checkpoint import load_checkpoint
@@ -629,8 +642,12 @@ def load_program_files(
     if program_format == "export":
         return _exported_module(files["encoder"]), _exported_module(Path(scorer_file))
     if program_format == "aoti":
-        load_package = torch._inductor.aoti_load_package
-        return load_package(str(files["encoder"])), load_package(scorer_file)
+        from torch._inductor.package import load_package
+
+        return (
+            load_package(str(files["encoder"]), num_runners=runners),
+            load_package(scorer_file, num_runners=runners),
+        )
     raise ValueError(f"unknown program format {program_format!r}; expected one of {list(FORMATS)}")
 
 

@@ -5,7 +5,6 @@ lifespan loads the model, opens the store and (first run) seeds it. Nothing does
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -27,6 +26,7 @@ from service.api.docs import install_docs
 from service.arrivals import ArrivalLogMiddleware
 from service.errors import install_error_handlers
 from service.explain import EagerNets
+from service.heap import freeze_long_lived
 from service.items import LiveCatalogue
 from service.loop_lag import watch_loop_lag
 from service.metrics import Metrics, retire_worker
@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await start(settings, metrics)
-        freeze_startup_objects()
+        freeze_long_lived()
         app.state.services = services
         lag_watch = asyncio.create_task(watch_loop_lag(metrics.event_loop_lag))
         try:
@@ -123,19 +123,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def freeze_startup_objects() -> None:
-    """Move everything alive after start-up out of the garbage collector's reach.
-
-    torch, inductor and the loaded programs leave about 350,000 tracked objects; every
-    full collection walked them all, holding the GIL for 100–250 ms, and a worker stalled
-    that long answers nothing (the cause of the p99 at high load). Start-up objects live as
-    long as the process, so they are frozen (``gc.freeze``); later collections see only what
-    requests create. A model retired by a rollout is freed by reference counting.
-    """
-    gc.collect()
-    gc.freeze()
-
-
 async def start(settings: Settings, metrics: Metrics) -> Services:
     """Load the model and open the store; raises (and the server does not start) on failure."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
@@ -167,6 +154,7 @@ async def start(settings: Settings, metrics: Metrics) -> Services:
             settings.program_format,
             settings.precision,
             queue,
+            settings.model_workers,
         )
         await loop.run_in_executor(executor, warm_up, runtime)
         max_history = settings.resolved_max_history(runtime.trained_max_history)

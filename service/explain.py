@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,9 +112,14 @@ async def explain(
     user_id: int,
     item_id: int,
     request_time: float | None = None,
+    candidate_ids: Sequence[int] | None = None,
 ) -> Explanation:
     """Weigh every event of the user's window for ``item_id``, with the version ``ranker``
-    serves (one version for the whole call, as for a /rank)."""
+    serves (one version for the whole call, as for a /rank).
+
+    The score is the item's among ``candidate_ids`` (which hold it), as the /rank of that set
+    scores it: RAM makes a score depend on the other candidates. Without them it is the item's
+    score in a set of its own."""
     runtime, store = ranker.runtime, ranker.store
     current, profile = await ranker.user_state(user_id)
     if current.outcome == "degraded":
@@ -127,11 +133,13 @@ async def explain(
     when = time.time() if request_time is None else request_time
     # Features as the live catalogue has them now: an event whose item changed since it was
     # folded is weighed with its present features (the state keeps the old ones, DESIGN §2).
-    candidate_rows = (await ranker.items.rows(np.array([item_id], dtype=np.int64))).rows
+    candidates = list(candidate_ids) if candidate_ids is not None else [item_id]
+    index = candidates.index(item_id)  # ValueError when the set does not hold the item
+    candidate_rows = (await ranker.items.rows(np.array(candidates, dtype=np.int64))).rows
     user_row = runtime.user_row(user_id, profile)
     event_rows = runtime.event_rows(await ranker.items.with_item_rows(log))
 
-    def weigh() -> tuple[HeadAttention, np.ndarray, np.ndarray]:
+    def weigh() -> tuple[HeadAttention, np.ndarray, np.float32]:
         net = nets.get(runtime)
         decay = served_decay_weights(
             torch.from_numpy(np.ascontiguousarray(log.timestamps)),
@@ -139,18 +147,18 @@ async def explain(
             when,
             runtime.decay_rates,
         )
-        user, candidate = torch.from_numpy(user_row), torch.from_numpy(candidate_rows[0])
+        user, candidate = torch.from_numpy(user_row), torch.from_numpy(candidate_rows[index])
         attention = head_attention(net, user, candidate, torch.from_numpy(event_rows), decay)
         scored = runtime.score(user_row, candidate_rows, state, when)
-        return attention, scored.probabilities[0], scored.scores
+        return attention, scored.probabilities[index], scored.scores[index]
 
-    attention, probabilities, scores = await runtime.run(weigh, long=True)
+    attention, probabilities, score = await runtime.run(weigh, long=True)
     return Explanation(
         model_version=runtime.version,
         user_id=user_id,
         item_id=item_id,
         request_time=when,
-        score=float(scores[0]),
+        score=float(score),
         probabilities={
             name: float(p) for name, p in zip(runtime.objectives, probabilities, strict=True)
         },

@@ -12,7 +12,8 @@ Deadlines: the state (store round trips, folds) has ``state_budget_seconds``; pa
 the store fails, the request is answered from this worker's recent copy of the user's state, or
 an empty one, and says so (``state_cache: "degraded"``). Changed states are written back in the
 background: the response never waits for it. Concurrent misses of one user share one
-computation (single flight), so that a burst of requests for a cold user encodes its history once.
+computation (single flight), so that a burst of requests for a cold user encodes its history once;
+a request whose snapshot holds events the flight did not read folds them in (read-your-writes).
 """
 
 from __future__ import annotations
@@ -73,6 +74,14 @@ class RankResult:
 
 
 @dataclass(frozen=True)
+class _Flown:
+    """What a single flight computed: the state and its write-back (None when none started)."""
+
+    state: UserState
+    write: asyncio.Task[None] | None
+
+
+@dataclass(frozen=True)
 class CurrentState:
     state: UserState
     outcome: CacheOutcome
@@ -124,10 +133,9 @@ class Ranker:
         self.max_history = max_history
         self.state_budget_seconds = state_budget_seconds
         self.local = LocalStates(local_states)
-        self._inflight: dict[int, asyncio.Future[UserState]] = {}
+        self._inflight: dict[int, asyncio.Future[_Flown]] = {}
+        """Each user's single flight, until its state is stored (:meth:`_single_flight`)."""
         self._write_backs: set[asyncio.Task[None]] = set()
-        self._flight_writes: dict[int, asyncio.Task[None]] = {}
-        """The write-back a user's single flight started, until the flight ends."""
         self._degraded_logged_at = -DEGRADED_LOG_INTERVAL_SECONDS
 
     async def rank(
@@ -288,16 +296,26 @@ class Ranker:
             empty = replace(runtime.empty_state(), start=end, cursor=end)
             return CurrentState(empty, "miss", write=repair is not None, replace=True)
         state = await self._single_flight(
-            user_id, self._stored_or_encoded(user_id, window_start, end, repair is not None)
+            user_id, lambda: self._stored_or_encoded(user_id, window_start, end, repair is not None)
         )
         if not is_finite(state):
             raise ModelError("the encoder produced a non-finite state")
+        if state.cursor < end:
+            # A flight that read the log before this request's snapshot (it was joined, or
+            # it had finished and was storing its state): the events acknowledged since are
+            # folded in here, so the answer never misses an event /events acknowledged.
+            try:
+                folded = await self._refold(user_id, state, window_start)
+            except _Unreachable:
+                state = await self._encode_window(user_id, window_start)
+                return CurrentState(state, "miss", write=True)
+            return CurrentState(folded, "stale", write=True)
         # The single flight has started its write-back (a repair included).
         return CurrentState(state, "miss", write=False)
 
     async def _stored_or_encoded(
         self, user_id: int, window_start: int, end: int, replace_wrong: bool
-    ) -> UserState:
+    ) -> _Flown:
         """The single-flight work of a miss: a state of the window stored since this request's
         snapshot (by another worker or replica), else the window encoded. Its write-back runs in
         the background, and the flight stays open until it is done (:meth:`_single_flight`), so
@@ -308,13 +326,12 @@ class Ranker:
             )
             stored, _ = self._decode(snapshot)
             if stored is not None and stored.start == window_start and stored.cursor >= end:
-                return stored
+                return _Flown(stored, None)
         state = await self._encode_window(user_id, window_start)
+        write = None
         if self.state_cache and is_finite(state):
             write = self._start_write_back(user_id, state, replace_wrong)
-            if write is not None:
-                self._flight_writes[user_id] = write
-        return state
+        return _Flown(state, write)
 
     def _decode(self, snapshot: UserSnapshot) -> tuple[UserState | None, RepairReason | None]:
         """The cached state if it can be used as a starting point, else why not."""
@@ -399,30 +416,39 @@ class Ranker:
         self.metrics.observe_stage("fold", time.perf_counter() - started)
         return folded
 
-    async def _single_flight(self, user_id: int, work: Awaitable[UserState]) -> UserState:
-        """Run ``work`` unless the same user's history is being encoded already; share that."""
-        running = self._inflight.get(user_id)
-        if running is not None:
-            if asyncio.iscoroutine(work):
-                work.close()  # never started: nothing to undo
-            return await asyncio.shield(running)
-        future: asyncio.Future[UserState] = asyncio.ensure_future(work)
-        self._inflight[user_id] = future
+    async def _single_flight(
+        self, user_id: int, work: Callable[[], Awaitable[_Flown]]
+    ) -> UserState:
+        """The state of the user's flight: a running one joined, else ``work()`` started as one.
 
-        def end_flight(_: object = None) -> None:
-            if self._inflight.get(user_id) is future:
+        A flight is a task of its own: a caller that is cancelled (its state budget spent)
+        leaves it running for the others, and it stays open until its work is done and the
+        state it computed is stored, so that a request whose snapshot predates that store joins
+        it rather than encoding again. Its state may then be older than the joiner's snapshot:
+        the caller checks the cursor (:meth:`_current_state`)."""
+        flight = self._inflight.get(user_id)
+        if flight is None:
+            flight = asyncio.ensure_future(work())
+            self._inflight[user_id] = flight
+            flight.add_done_callback(lambda done: self._land(user_id, done))
+        flown = await asyncio.shield(flight)
+        return flown.state
+
+    def _land(self, user_id: int, flight: asyncio.Future[_Flown]) -> None:
+        """End the flight once its write-back (if any) is done."""
+
+        def end(_: object = None) -> None:
+            if self._inflight.get(user_id) is flight:
                 del self._inflight[user_id]
 
-        try:
-            return await asyncio.shield(future)
-        finally:
-            # Open until the state the flight computed is stored: a request whose snapshot
-            # predates the store joins the finished flight rather than encoding again.
-            write = self._flight_writes.pop(user_id, None)
-            if write is None or write.done():
-                end_flight()
-            else:
-                write.add_done_callback(end_flight)
+        if flight.cancelled() or flight.exception() is not None:
+            end()  # exception() also marks it retrieved when every caller was cancelled
+            return
+        write = flight.result().write
+        if write is None or write.done():
+            end()
+        else:
+            write.add_done_callback(end)
 
     # -- write-back ---------------------------------------------------------------------------
 

@@ -14,10 +14,22 @@ A rollout (to the version ``<model_dir>/LATEST`` names, polled every ``model_pol
    encoding ``rollout_warm_duty`` of one CPU's time, so the old version keeps its latency. A
    fusion or scorer-only change keeps the state version, so every cached state stays valid and
    nothing is warmed;
-3. switch: one assignment of the holder;
+3. switch: one assignment of the holder; once the replaced version's write-backs are drained,
+   the heap is frozen again (:func:`service.heap.freeze_long_lived`);
 4. after ``rollout_cleanup_delay_seconds``, if the version is still served, delete the cached
-   states of every other state version (a background scan in batches, once per version
-   across workers and replicas: :meth:`service.stores.base.RolloutRecords.delete_states`).
+   states of every state version no worker serves (a background scan in batches, once per set of
+   kept versions across workers and replicas:
+   :meth:`service.stores.base.RolloutRecords.delete_states`).
+
+A rollout that fails (an unreadable artefact, the store down during the warm-up) is retried
+with backoff, ``rollout_retry_seconds`` doubling per failure up to :data:`RETRY_MAX_DOUBLINGS`
+doublings, and the failure is forgotten when LATEST names another version.
+
+What a worker serves is in the store: every :data:`ADVERTISE_SECONDS` it records the state
+versions it serves or is warming, valid for :data:`ADVERTISE_TTL_SECONDS` (a killed worker's
+record expires). A cleanup keeps every version advertised, so a fleet on mixed versions (a
+worker whose rollout failed, another replica behind) keeps its states; it looks again until only
+its own version is served.
 
 Workers: each worker polls LATEST and rolls on its own; warm-up results are shared through the
 store (a worker finds the states another already stored, and each walks the users in its own
@@ -32,6 +44,7 @@ import asyncio
 import logging
 import os
 import random
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +55,7 @@ from typing import Any, Literal
 import torch
 
 from model.artifact import LATEST_FILE, MANIFEST_FILE, resolve_artifact_dir
+from service.heap import freeze_long_lived
 from service.metrics import Metrics
 from service.model_queue import ModelQueue
 from service.ranker import Ranker
@@ -57,6 +71,16 @@ CLEANUP_PAUSE_SECONDS = 0.05
 """Pause between cleanup batches: the scan takes a few percent of a Redis node at most."""
 RETIRE_DRAIN_SECONDS = 10.0
 """How long a replaced version's background state write-backs may take to finish."""
+RETRY_MAX_DOUBLINGS = 6
+"""A failed rollout's retry delay doubles per failure at most this often (5 s -> 320 s)."""
+ADVERTISE_SECONDS = 5.0
+"""How often a worker records the state versions it serves in the store."""
+ADVERTISE_TTL_SECONDS = 30.0
+"""How long that record holds unless renewed: a killed worker's versions are no longer kept by
+a cleanup after this; a store outage shorter than it loses no worker's record."""
+CLEANUP_RECHECK_SECONDS = ADVERTISE_TTL_SECONDS
+"""While other versions are still served, the cleanup looks again after this (by then a killed
+worker's record has expired)."""
 
 Phase = Literal["serving", "loading", "warming", "failed"]
 
@@ -88,13 +112,24 @@ class RolloutStatus:
     warm_total: int = 0
     warm_done: int = 0
     error: str | None = None
-    """Why the last rollout failed (it is retried when LATEST changes again)."""
+    """Why the last rollout failed (it is retried with backoff, and given up when LATEST
+    names another version)."""
+    attempts: int = 0
+    """Failed attempts at the target so far."""
     history: list[str] = field(default_factory=list)
     """Versions switched to by this worker, oldest first."""
 
 
 class UnknownVersion(ValueError):
     """No artefact of that version in the model directory."""
+
+
+@dataclass(frozen=True)
+class _Failure:
+    version: str
+    attempts: int
+    retry_at: float
+    """time.monotonic() from which it is tried again."""
 
 
 class Rollout:
@@ -120,9 +155,14 @@ class Rollout:
         self.prepare = prepare
         self.status = RolloutStatus(history=[holder.current.runtime.version])
         self._lock = asyncio.Lock()
-        self._failed: str | None = None
+        self._failure: _Failure | None = None
+        self._warming: str | None = None
+        """The state version being warmed (advertised as served: its states are kept)."""
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        """This worker's name in the store's record of what is served."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._poll: asyncio.Task[None] | None = None
+        self._advertising: asyncio.Task[None] | None = None
         # Loading and first runs of a new version stay off the model thread that serves.
         self._loader = ThreadPoolExecutor(
             1,
@@ -137,6 +177,7 @@ class Rollout:
     # -- triggers -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._advertising = asyncio.create_task(self._advertise_serving())
         if self.settings.model_poll_seconds > 0 and self._latest_file() is not None:
             self._poll = asyncio.create_task(self._follow_latest())
 
@@ -161,14 +202,26 @@ class Rollout:
             await self.check_latest()
 
     async def check_latest(self) -> None:
-        """Roll to the version LATEST names, unless it is served, or failed already."""
+        """Roll to the version LATEST names, unless it is served, being rolled to, or failed
+        and not yet due for its retry."""
         version = await asyncio.get_running_loop().run_in_executor(
             self._loader, self.latest_version
         )
-        if version is None or version == self._failed or self._lock.locked():
+        if version is None or self._lock.locked():
+            return
+        failure = self._failure
+        if failure is not None and failure.version != version:
+            self._forget_failure()  # LATEST moved on: the failed version is not wanted now
+        elif failure is not None and time.monotonic() < failure.retry_at:
             return
         if version != self.holder.current.runtime.version:
             await self.roll_to(version)
+
+    def _forget_failure(self) -> None:
+        self._failure = None
+        status = self.status
+        if status.phase == "failed":
+            status.phase, status.target, status.error, status.attempts = "serving", None, None, 0
 
     def publish(self, version: str) -> None:
         """Point LATEST at ``version`` (which must be in the model directory): every worker
@@ -186,7 +239,8 @@ class Rollout:
         ):
             raise UnknownVersion(f"no artefact {version!r} in {directory}")
         write_latest(directory, version)
-        self._failed = None
+        if self._failure is not None and self._failure.version != version:
+            self._forget_failure()
 
     def start_check(self) -> None:
         """Check LATEST now, in the background (the admin call does not wait for a warm-up)."""
@@ -210,15 +264,18 @@ class Rollout:
                 ranker = self.make_ranker(runtime, current.ranker if same_states else None)
                 if not same_states and self.settings.state_cache:  # nothing to warm without it
                     status.phase = "warming"
+                    self._warming = runtime.state_version
+                    await self.advertise()  # its states are kept from now on
                     await self._warm(ranker)
             except Exception as error:  # a bad artefact must not take the worker down
-                self._failed = version
-                status.phase, status.error = "failed", f"{type(error).__name__}: {error}"
-                self.metrics.rollouts.labels(outcome="failed").inc()
-                logger.exception("rollout to %s failed; still serving %s",
-                                 version, current.runtime.version)  # fmt: skip
+                self._warming = None
+                self._fail(version, error)
                 return
+            self._warming = None
+            self._failure = None
+            status.attempts = 0
             previous = self.holder.swap(Serving(runtime, ranker))
+            self._spawn(self.advertise())
             self._show(previous.runtime, active=False)
             self._show(runtime, active=True)
             self.metrics.rollouts.labels(outcome="switched").inc()
@@ -229,9 +286,39 @@ class Rollout:
                 previous.runtime.version, version, time.perf_counter() - started,
                 "kept" if same_states else runtime.state_version, status.warm_done,
             )  # fmt: skip
-            self._spawn(previous.ranker.drain(RETIRE_DRAIN_SECONDS))
+            self._spawn(self._retire(previous))
             if not same_states:
                 self._spawn(self._clean_up(runtime.state_version))
+
+    def _fail(self, version: str, error: Exception) -> None:
+        """Record a failed rollout to ``version`` and schedule its retry."""
+        earlier = self._failure
+        attempts = earlier.attempts + 1 if earlier is not None and earlier.version == version else 1
+        delay = self.settings.rollout_retry_seconds * 2 ** min(attempts - 1, RETRY_MAX_DOUBLINGS)
+        delay *= self._rng.uniform(0.8, 1.2)  # workers that failed together retry apart
+        self._failure = _Failure(version, attempts, time.monotonic() + delay)
+        status = self.status
+        status.phase, status.attempts = "failed", attempts
+        status.error = (
+            f"{type(error).__name__}: {error} (attempt {attempts}, retried in {delay:.0f} s)"
+        )
+        self.metrics.rollouts.labels(outcome="failed").inc()
+        logger.exception(
+            "rollout to %s failed (attempt %d); still serving %s, retrying in %.0f s",
+            version, attempts, self.holder.current.runtime.version, delay,
+        )  # fmt: skip
+        self._spawn(self._retry_after(delay))
+
+    async def _retry_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await self.check_latest()
+
+    async def _retire(self, previous: Serving) -> None:
+        """Let the replaced version's write-backs finish, then freeze what the new one keeps
+        alive (its objects were created after the last freeze)."""
+        await previous.ranker.drain(RETIRE_DRAIN_SECONDS)
+        del previous
+        freeze_long_lived()
 
     async def _load(self, version: str) -> ModelRuntime:
         loop = asyncio.get_running_loop()
@@ -243,6 +330,7 @@ class Rollout:
             settings.program_format,
             settings.precision,
             self.queue,
+            settings.model_workers,
         )
         await loop.run_in_executor(self._loader, self.prepare, runtime)
         return runtime
@@ -272,19 +360,43 @@ class Rollout:
         await ranker.drain(RETIRE_DRAIN_SECONDS)  # the last write-backs are stored
 
     async def _clean_up(self, state_version: str) -> None:
+        """Delete the states of every version no worker serves; while other versions are still
+        served (workers behind, or killed with their record not yet expired), look again after
+        a record's lifetime."""
         await asyncio.sleep(self.settings.rollout_cleanup_delay_seconds)
-        if self.holder.current.runtime.state_version != state_version:
-            return  # rolled on (or back) since: that rollout cleans up
-        try:
-            deleted = await self.store.delete_states(
-                state_version, CLEANUP_BATCH, CLEANUP_PAUSE_SECONDS
+        while self.holder.current.runtime.state_version == state_version:
+            # (Rolled on or back since: that rollout cleans up.)
+            try:
+                keep = await self.store.served_state_versions() | {state_version}
+                deleted = await self.store.delete_states(keep, CLEANUP_BATCH, CLEANUP_PAUSE_SECONDS)
+            except StoreError as error:
+                logger.warning("old states not deleted yet: %s", error)
+            else:
+                self.metrics.states_deleted.inc(deleted)
+                if deleted:
+                    logger.info("deleted %d cached states of state versions no worker serves "
+                                "(kept %s)", deleted, ", ".join(sorted(keep)))  # fmt: skip
+                if keep == {state_version}:
+                    return
+            await asyncio.sleep(
+                max(self.settings.rollout_cleanup_delay_seconds, CLEANUP_RECHECK_SECONDS)
             )
+
+    async def _advertise_serving(self) -> None:
+        while True:
+            await self.advertise()
+            await asyncio.sleep(ADVERTISE_SECONDS)
+
+    async def advertise(self) -> None:
+        """Record the state versions this worker serves or warms (a store error is logged: the
+        next renewal comes within ADVERTISE_SECONDS, well inside the record's lifetime)."""
+        versions = {self.holder.current.runtime.state_version}
+        if self._warming is not None:
+            versions.add(self._warming)
+        try:
+            await self.store.advertise_serving(self.worker, versions, ADVERTISE_TTL_SECONDS)
         except StoreError as error:
-            logger.warning("old states not deleted: %s", error)
-            return
-        self.metrics.states_deleted.inc(deleted)
-        if deleted:
-            logger.info("deleted %d cached states of older state versions", deleted)
+            logger.warning("cannot record the versions this worker serves: %s", error)
 
     # -- bookkeeping --------------------------------------------------------------------------
 
@@ -299,7 +411,8 @@ class Rollout:
     async def stop(self) -> None:
         """Cancel the poll, a rollout in progress, the cleanup and the drains of retired
         versions (a lost write-back only costs a recomputation)."""
-        tasks = [*self._tasks, *([self._poll] if self._poll is not None else [])]
+        loops = [task for task in (self._poll, self._advertising) if task is not None]
+        tasks = [*self._tasks, *loops]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

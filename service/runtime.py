@@ -182,8 +182,11 @@ def check_model_dir(model_dir: Path) -> None:
 
 
 def load_runtime(
-    model_dir: Path, program_format: str, precision: str, queue: ModelQueue
+    model_dir: Path, program_format: str, precision: str, queue: ModelQueue, model_threads: int
 ) -> ModelRuntime:
-    """Load ``model_dir`` (an artefact directory, or an export root whose LATEST names one)."""
+    """Load ``model_dir`` (an artefact directory, or an export root whose LATEST names one),
+    with a program runner for each thread that calls the programs: the event loop (inline jobs)
+    and each of ``model_threads`` (:func:`model.artifact.load_program_files`)."""
     directory = resolve_artifact_dir(model_dir)
-    return ModelRuntime(load_artifact(directory, program_format, precision), queue, directory)
+    model = load_artifact(directory, program_format, precision, runners=model_threads + 1)
+    return ModelRuntime(model, queue, directory)

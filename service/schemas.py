@@ -83,14 +83,17 @@ class RankRequest(_Strict):
     @field_validator("candidate_ids")
     @classmethod
     def _unique(cls, ids: list[int]) -> list[int]:
-        if len(set(ids)) != len(ids):
-            duplicated = sorted(i for i, n in Counter(ids).items() if n > 1)
-            shown = duplicated[:20]
-            more = (
-                f" and {len(duplicated) - len(shown)} more" if len(duplicated) > len(shown) else ""
-            )
-            raise ValueError(f"candidate_ids must be unique; duplicated ids: {shown}{more}")
-        return ids
+        return unique_candidates(ids)
+
+
+def unique_candidates(ids: list[int]) -> list[int]:
+    """``ids`` when no id repeats; else a ValueError that names the repeated ids."""
+    if len(set(ids)) != len(ids):
+        duplicated = sorted(i for i, n in Counter(ids).items() if n > 1)
+        shown = duplicated[:20]
+        more = f" and {len(duplicated) - len(shown)} more" if len(duplicated) > len(shown) else ""
+        raise ValueError(f"candidate_ids must be unique; duplicated ids: {shown}{more}")
+    return ids
 
 
 class Probabilities(BaseModel):

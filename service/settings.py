@@ -285,6 +285,13 @@ class Settings(BaseSettings):
         "deleted (background scan, in batches): long enough for every worker to follow LATEST "
         "(model_poll_seconds) and warm.",
     )
+    rollout_retry_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="Wait before a failed rollout (a bad artefact, the store down during the "
+        "warm-up) is tried again; it doubles with each failure of the same version, up to 64 "
+        "times. A new version in LATEST is tried at once.",
+    )
     explain_rate_per_second: float = Field(
         default=2.0,
         ge=0,

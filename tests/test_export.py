@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -464,3 +466,42 @@ def test_a_training_run_records_the_window_the_export_reads(tmp_path: Path) -> N
     assert result.checkpoint is not None
     assert training_window(result.checkpoint.metadata) == 40
     assert TrainSettings(world=tmp_path).max_history == DEFAULT_MAX_HISTORY
+
+
+def _contained_calls(model: ServingModel, attempts: int = 100) -> int:
+    """Short encodes on this thread that began and ended inside one long encode on another
+    thread (possible only when two calls of the program run at once), each checked against the
+    same encode run alone."""
+    long_inputs, short_inputs = inputs(16000, 1), inputs(4, 1)
+    alone = model.encode(short_inputs[0], short_inputs[1], float(short_inputs[2]))
+    spans: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def encode_long() -> None:
+        while not done.is_set():
+            started = time.perf_counter()
+            model.encode(long_inputs[0], long_inputs[1], float(long_inputs[2]))
+            spans.append((started, time.perf_counter()))
+
+    other = threading.Thread(target=encode_long)
+    other.start()
+    shorts = []
+    try:
+        while len(spans) < 2:  # the other thread is under way
+            time.sleep(0.001)
+        for _ in range(attempts):
+            started = time.perf_counter()
+            s, z = model.encode(short_inputs[0], short_inputs[1], float(short_inputs[2]))
+            shorts.append((started, time.perf_counter()))
+            torch.testing.assert_close((s, z), alone, rtol=0.0, atol=0.0)
+    finally:
+        done.set()
+        other.join()
+    return sum(1 for s in shorts if any(a < s[0] and s[1] < b for a, b in spans))
+
+
+@pytest.mark.slow
+def test_a_short_aoti_call_does_not_wait_for_a_long_one(aoti_root: Path) -> None:
+    """With the runners the service loads (one per calling thread), a fold on the event loop
+    runs while the model thread encodes a whole history, and gets the same state."""
+    assert _contained_calls(load_artifact(aoti_root, "aoti", runners=2)) > 0

@@ -6,11 +6,11 @@ import math
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator, model_validator
 from starlette.responses import Response
 
 from service.api.deps import ServicesDep, TokenDep
-from service.errors import json_response
+from service.errors import json_response, validation_error
 from service.explain import ExplainUnavailable, explain, render
 from service.schemas import (
     STORE_RESPONSES,
@@ -19,6 +19,7 @@ from service.schemas import (
     Id,
     IntegralNumber,
     Timestamp,
+    unique_candidates,
 )
 
 router = APIRouter(tags=["debugging"])
@@ -38,6 +39,28 @@ class ExplainRequest(BaseModel):
         default=None,
         description="Unix seconds the score is computed at, as in /rank (decay). Omitted: now.",
     )
+    candidate_ids: list[Id] | None = Field(
+        default=None,
+        min_length=1,
+        json_schema_extra={"uniqueItems": True},
+        description="The candidate set of the /rank whose score is explained (it must hold "
+        "item_id; unique ids, at most max_candidates): the score and probabilities are then "
+        "exactly that /rank's for the item (with the same request_time and history), since the "
+        "model's set-aware module (RAM) makes an item's score depend on the other candidates. "
+        "Omitted: the item is scored in a set of its own, which a /rank of a larger set does "
+        "not reproduce.",
+    )
+
+    @field_validator("candidate_ids")
+    @classmethod
+    def _unique(cls, ids: list[int] | None) -> list[int] | None:
+        return unique_candidates(ids) if ids is not None else None
+
+    @model_validator(mode="after")
+    def _holds_the_item(self) -> ExplainRequest:
+        if self.candidate_ids is not None and self.item_id not in self.candidate_ids:
+            raise ValueError("candidate_ids must hold item_id (the item whose score is explained)")
+        return self
 
 
 class ExplainedEvent(BaseModel):
@@ -76,8 +99,11 @@ class ExplainResponse(BaseModel):
     user_id: int = Field(description="The user explained.")
     item_id: int = Field(description="The item explained.")
     request_time: float = Field(description="Unix seconds the score and weights are at.")
-    score: float = Field(description="The item's score, as /rank would give it now.")
-    probabilities: dict[str, float] = Field(description="Per objective, as /rank gives them.")
+    score: float = Field(
+        description="The item's score as a /rank of the request's candidate_ids gives it now "
+        "(omitted: of the item alone)."
+    )
+    probabilities: dict[str, float] = Field(description="Per objective, as that /rank gives them.")
     history_length: int = Field(description="Events in the window the weights cover.")
     heads: list[HeadExplanation] = Field(description="One explanation per attention head.")
     combined: CombinedExplanation = Field(description="All heads together.")
@@ -110,10 +136,23 @@ async def post_explain(
             "explain_rate_per_second reached for this client (0 turns /explain off); retry later",
             headers={"Retry-After": retry},
         )
+    limit = services.settings.max_candidates
+    if body.candidate_ids is not None and len(body.candidate_ids) > limit:
+        raise validation_error(
+            ("body", "candidate_ids"),
+            f"List should have at most {limit} items (max_candidates), "
+            f"not {len(body.candidate_ids)}",
+            "too_long",
+        )
     serving = services.model.current  # one version for the whole explanation
     try:
         explanation = await explain(
-            serving.ranker, services.explain_nets, body.user_id, body.item_id, body.request_time
+            serving.ranker,
+            services.explain_nets,
+            body.user_id,
+            body.item_id,
+            body.request_time,
+            body.candidate_ids,
         )
     except ExplainUnavailable as error:
         return json_response({"detail": str(error)}, status_code=409)

@@ -13,7 +13,7 @@ records, after which it holds positions [log_start, log_length).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -159,10 +159,23 @@ class RolloutRecords(Protocol):
         """Up to ``count`` users, most recently active first."""
         ...
 
-    async def delete_states(self, keep_version: str, batch: int, pause_seconds: float) -> int:
-        """Delete every cached state of a version other than ``keep_version``, ``batch`` keys
-        at a time with a pause between batches; returns the states deleted. Once per
-        ``keep_version`` however many workers ask (they all do after a rollout)."""
+    async def advertise_serving(
+        self, worker: str, state_versions: Collection[str], ttl_seconds: float
+    ) -> None:
+        """Record the state versions ``worker`` serves or is warming, for ``ttl_seconds``: a
+        worker that stops renewing it (stopped, killed) drops out when it expires."""
+        ...
+
+    async def served_state_versions(self) -> set[str]:
+        """The state versions some worker advertised and whose record has not expired."""
+        ...
+
+    async def delete_states(
+        self, keep_versions: Collection[str], batch: int, pause_seconds: float
+    ) -> int:
+        """Delete every cached state of a version not in ``keep_versions``, ``batch`` keys at a
+        time with a pause between batches; returns the states deleted. Once per set of kept
+        versions however many workers ask (they all do after a rollout)."""
         ...
 
 

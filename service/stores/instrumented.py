@@ -4,7 +4,7 @@ client's internal fault on a torn-down connection becomes the :class:`StoreError
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 from service.metrics import Metrics
@@ -97,9 +97,21 @@ class InstrumentedStore:
         async with self._measured("active_users"):
             return await self.inner.active_users(count)
 
-    async def delete_states(self, keep_version: str, batch: int, pause_seconds: float) -> int:
+    async def advertise_serving(
+        self, worker: str, state_versions: Collection[str], ttl_seconds: float
+    ) -> None:
+        async with self._measured("advertise_serving"):
+            await self.inner.advertise_serving(worker, state_versions, ttl_seconds)
+
+    async def served_state_versions(self) -> set[str]:
+        async with self._measured("served_state_versions"):
+            return await self.inner.served_state_versions()
+
+    async def delete_states(
+        self, keep_versions: Collection[str], batch: int, pause_seconds: float
+    ) -> int:
         async with self._measured("delete_states"):
-            return await self.inner.delete_states(keep_version, batch, pause_seconds)
+            return await self.inner.delete_states(keep_versions, batch, pause_seconds)
 
     async def snapshot(self, version: str, user_id: int, ttl_seconds: int) -> UserSnapshot:
         async with self._measured("snapshot"):

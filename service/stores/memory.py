@@ -7,7 +7,7 @@ idempotent append and the compare-and-set need no locks.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from service.stores.base import (
@@ -48,6 +48,8 @@ class MemoryStore:
         self._puts = 0
         self._activity: dict[int, float] = {}
         """User -> latest activity (unix seconds), about the most recent ``keep`` users."""
+        self._serving: dict[str, tuple[frozenset[str], float]] = {}
+        """Worker -> (state versions it serves or warms, until when the record holds)."""
         self._items: dict[int, ItemAttributes] = {}
 
     # -- behaviour log ----------------------------------------------------------------------
@@ -166,9 +168,20 @@ class MemoryStore:
         recent = sorted(self._activity.items(), key=lambda item: -item[1])[:count]
         return [user_id for user_id, _ in recent]
 
-    async def delete_states(self, keep_version: str, batch: int, pause_seconds: float) -> int:
+    async def advertise_serving(
+        self, worker: str, state_versions: Collection[str], ttl_seconds: float
+    ) -> None:
+        self._serving[worker] = (frozenset(state_versions), self._clock() + ttl_seconds)
+
+    async def served_state_versions(self) -> set[str]:
+        now = self._clock()
+        return {v for versions, until in self._serving.values() if until > now for v in versions}
+
+    async def delete_states(
+        self, keep_versions: Collection[str], batch: int, pause_seconds: float
+    ) -> int:
         # One process, no awaits: nothing can interleave, so no batches are needed.
-        stale = [key for key in self._states if key[0] != keep_version]
+        stale = [key for key in self._states if key[0] not in keep_versions]
         for key in stale:
             del self._states[key]
         return len(stale)

@@ -14,9 +14,11 @@ script's KEYS are one user's):
 * ``<prefix>:{u:<id>}:profile`` — hash of profile attributes;
 * ``<prefix>:{u:<id>}:state:<version>`` — hash {c: cursor, s: state blob} with a TTL.
 
-Two keys are not a user's: ``<prefix>:active`` (sorted set, user -> latest activity, the users a
-rollout warms; bounded, written once a second per worker) and ``<prefix>:rollout:cleaned:<state
-version>`` (the lock that lets one worker delete the older states after a rollout).
+Three keys are not a user's: ``<prefix>:active`` (sorted set, user -> latest activity, the users a
+rollout warms; bounded, written once a second per worker), ``<prefix>:serving`` (hash, worker ->
+the state versions it serves or warms and until when that holds: what a cleanup must keep) and
+``<prefix>:rollout:cleaned:<state versions>`` (the lock that lets one worker delete the states
+of the other versions after a rollout).
 
 Items are not a user's: the item table is :data:`ITEM_SHARDS` hashes
 ``<prefix>:{i:<shard>}:items`` (shard = id mod ITEM_SHARDS), field = the decimal item id, value =
@@ -37,8 +39,9 @@ writes are compare-and-sets.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from itertools import pairwise
 from typing import Any
 
@@ -412,9 +415,7 @@ class RedisStore:
         try:
             if isinstance(self._client, RedisCluster):
                 # A script's keys must share a slot: one call per shard, pipelined per node.
-                answers = await self._evalsha_pipelined(
-                    self._get_items, calls, self._items_client
-                )
+                answers = await self._evalsha_pipelined(self._get_items, calls, self._items_client)
             else:
                 # One node: one call for every shard (each pipelined command costs the client
                 # tens of microseconds, the most of a small lookup).
@@ -494,22 +495,53 @@ class RedisStore:
             raise StoreError(f"redis activity read failed: {error}") from error
         return [int(member) for member in members]
 
-    async def delete_states(self, keep_version: str, batch: int, pause_seconds: float) -> int:
+    async def advertise_serving(
+        self, worker: str, state_versions: Collection[str], ttl_seconds: float
+    ) -> None:
+        """HSET the worker's field of ``<prefix>:serving`` to its versions and expiry (unix
+        seconds: workers of several replicas compare it), dropping fields long expired."""
+        key = f"{self.prefix}:serving"
+        now = time.time()
+        record = orjson.dumps({"versions": sorted(state_versions), "until": now + ttl_seconds})
+        try:
+            fields: dict[Any, Any] = await self._client.hgetall(key)
+            gone = [f for f, raw in fields.items() if orjson.loads(raw)["until"] < now - 3600]
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hset(key, worker, record)
+                if gone:
+                    pipe.hdel(key, *gone)
+                await pipe.execute()
+        except CLIENT_ERRORS as error:
+            raise StoreError(f"redis serving record write failed: {error}") from error
+
+    async def served_state_versions(self) -> set[str]:
+        try:
+            fields: dict[Any, Any] = await self._client.hgetall(f"{self.prefix}:serving")
+        except CLIENT_ERRORS as error:
+            raise StoreError(f"redis serving record read failed: {error}") from error
+        now = time.time()
+        records = [orjson.loads(raw) for raw in fields.values()]
+        return {str(v) for r in records if r["until"] > now for v in r["versions"]}
+
+    async def delete_states(
+        self, keep_versions: Collection[str], batch: int, pause_seconds: float
+    ) -> int:
         """SCAN for state keys (on a cluster, every master in turn) and UNLINK those of other
         versions, ``batch`` keys examined per call with a pause between calls, so the scan never
-        holds a node for long. A lock key per ``keep_version`` (SET NX, expiring after
+        holds a node for long. A lock key per set of ``keep_versions`` (SET NX, expiring after
         :data:`_CLEANUP_LOCK_SECONDS`) lets the first worker that asks do it and the others skip;
         a rollout back to the same version within that time leaves the states for their TTL."""
-        lock = f"{self.prefix}:rollout:cleaned:{keep_version}"
+        kept = sorted(keep_versions)
+        lock = f"{self.prefix}:rollout:cleaned:{','.join(kept)}"
         pattern = f"{_glob_escape(self.prefix)}:{{u:*}}:state:*"
-        keep_suffix = f":state:{keep_version}".encode()
+        keep_suffixes = tuple(f":state:{version}".encode() for version in kept)
         deleted = 0
         try:
             if not await self._client.set(lock, "1", nx=True, ex=_CLEANUP_LOCK_SECONDS):
                 return 0
             stale: list[bytes] = []
             async for key in self._client.scan_iter(match=pattern, count=batch):
-                if not key.endswith(keep_suffix):
+                if not key.endswith(keep_suffixes):
                     stale.append(key)
                 if len(stale) >= batch:
                     deleted += await self._unlink(stale)

@@ -143,3 +143,70 @@ async def test_unknown_user_has_an_empty_explanation(artifact_dir: Path) -> None
     body = response.json()
     assert response.status_code == 200 and body["history_length"] == 0
     assert all(h["events"] == [] and h["mass"] == 0 for h in body["heads"])
+
+
+async def test_with_the_request_candidates_the_score_is_that_ranks(artifact_dir: Path) -> None:
+    rng = np.random.default_rng(6)
+    candidates = [int(c) for c in rng.choice(1100, 40, replace=False)]
+    async with service_client(make_settings(artifact_dir, store="memory")) as client:
+        await client.post("/events", json=events_payload(4, 25, rng))
+        ranked = await client.post(
+            "/rank",
+            json={
+                "user_id": 4,
+                "candidate_ids": candidates,
+                "k": len(candidates),
+                "request_time": REQUEST_TIME,
+            },
+        )
+        by_item = {item["item_id"]: item for item in ranked.json()["items"]}
+        explained = {}
+        for item_id in candidates[:3]:  # within the burst of the rate limit
+            response = await client.post(
+                "/explain",
+                json={
+                    "user_id": 4,
+                    "item_id": item_id,
+                    "candidate_ids": candidates,
+                    "request_time": REQUEST_TIME,
+                },
+            )
+            assert response.status_code == 200, response.text
+            explained[item_id] = response.json()
+        alone = await client.post(
+            "/explain", json={"user_id": 4, "item_id": candidates[0], "request_time": REQUEST_TIME}
+        )
+        ranked_alone = await client.post(
+            "/rank",
+            json={"user_id": 4, "candidate_ids": [candidates[0]], "request_time": REQUEST_TIME},
+        )
+    for item_id, body in explained.items():
+        assert body["score"] == by_item[item_id]["score"]  # exactly the /rank's
+        assert body["probabilities"] == by_item[item_id]["probabilities"]
+    # Left out, the score is the item's in a set of its own: another number (RAM).
+    assert alone.json()["score"] == ranked_alone.json()["items"][0]["score"]
+    assert alone.json()["score"] != by_item[candidates[0]]["score"]
+
+
+async def test_candidate_ids_must_hold_the_item_once_each_within_the_cap(
+    artifact_dir: Path,
+) -> None:
+    settings = make_settings(
+        artifact_dir, store="memory", max_candidates=5, explain_rate_per_second=1000.0
+    )
+    async with service_client(settings) as client:
+
+        async def explain_with(candidate_ids: list[int]) -> Any:
+            body = {"user_id": 1, "item_id": 3, "candidate_ids": candidate_ids}
+            return await client.post("/explain", json=body)
+
+        missing = await explain_with([1, 2])
+        repeated = await explain_with([3, 2, 2])
+        too_many = await explain_with([1, 2, 3, 4, 5, 6])
+        empty = await explain_with([])
+        fine = await explain_with([1, 2, 3])
+    assert missing.status_code == 422 and "hold item_id" in missing.text
+    assert repeated.status_code == 422 and "duplicated ids: [2]" in repeated.text
+    assert too_many.status_code == 422 and "max_candidates" in too_many.text
+    assert empty.status_code == 422
+    assert fine.status_code == 200, fine.text
