@@ -214,9 +214,11 @@ async def test_an_unreachable_redis_raises_store_errors(cluster: bool) -> None:
         await store.close()
 
 
-def limited(store: Store, max_history: int, dedup_window: int) -> Store:
-    """The same backend with other :class:`HistoryLimits` (both stores keep them as ``limits``)."""
-    store.limits = HistoryLimits(max_history=max_history, dedup_window=dedup_window)  # type: ignore[attr-defined]
+def limited(store: Store, max_history: int, dedup_window: int, dedup_seconds: int = 3600) -> Store:
+    """The same backend with other :class:`HistoryLimits` (every store keeps them as ``limits``)."""
+    store.limits = HistoryLimits(  # type: ignore[attr-defined]
+        max_history=max_history, dedup_window=dedup_window, dedup_seconds=dedup_seconds
+    )
     return store
 
 
@@ -225,14 +227,20 @@ async def test_a_long_log_is_cut_and_positions_stay_absolute(store: Store) -> No
     for i in range(11):
         await store.append_events([event(f"e{i}", 30, 100 + i, 1000.0 + i)])
     snapshot = await store.snapshot("v", 30, TTL)
-    # Cut at 2·4 records down to 4 + 2 (after the 8th and the 10th event): positions 4..10.
-    assert (snapshot.log_start, snapshot.log_length) == (4, 11)
+    # The last 4 + 2 records are kept: positions 5..10 (in Redis a ring whose oldest record,
+    # position 5, sits in its last slot, so whole reads wrap).
+    assert (snapshot.log_start, snapshot.log_length) == (5, 11)
     log = await store.read_events(30, 0)
-    assert log.positions.tolist() == list(range(4, 11))
-    assert log.item_ids.tolist() == list(range(104, 111))
+    assert log.positions.tolist() == list(range(5, 11))
+    assert log.item_ids.tolist() == list(range(105, 111))
     assert (await store.read_events(30, 9)).item_ids.tolist() == [109, 110]
     window = await store.read_events(30, 5, 7)
     assert (window.positions.tolist(), window.end) == ([5, 6], 11)
+    # A batch that laps the ring keeps the last 6 of it, in order.
+    await store.append_events([event(f"f{i}", 30, 200 + i, 2000.0 + i) for i in range(9)])
+    log = await store.read_events(30, 0)
+    assert (log.positions.tolist(), log.end) == (list(range(14, 20)), 20)
+    assert log.item_ids.tolist() == list(range(203, 209))
 
 
 async def test_event_ids_are_remembered_over_the_dedup_window_only(store: Store) -> None:
