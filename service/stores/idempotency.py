@@ -35,3 +35,12 @@ def remembered(appended_at: int, now: int, dedup_seconds: int) -> bool:
     """Whether an entry stamped ``appended_at`` still counts at ``now`` (whole seconds): for
     ``dedup_seconds`` after the append, not at or past it. Stamp 0 is an empty slot."""
     return appended_at > 0 and now - appended_at < dedup_seconds
+
+
+def unpack_entries(packed: bytes) -> list[tuple[bytes, int]]:
+    """(digest, second appended) of each slot of a packed string of entries, empty slots
+    included (stamp 0)."""
+    return [
+        (packed[at : at + DIGEST_BYTES], struct.unpack_from("<I", packed, at + DIGEST_BYTES)[0])
+        for at in range(0, len(packed) - ENTRY_BYTES + 1, ENTRY_BYTES)
+    ]

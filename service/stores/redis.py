@@ -40,7 +40,6 @@ writes are compare-and-sets.
 from __future__ import annotations
 
 import asyncio
-import struct
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -63,7 +62,7 @@ from service.stores.base import (
     UserCount,
     UserSnapshot,
 )
-from service.stores.idempotency import ENTRY_BYTES, event_digest, remembered
+from service.stores.idempotency import ENTRY_BYTES, event_digest, remembered, unpack_entries
 from service.stores.records import RECORD_BYTES, EventLog, pack_record, unpack_log
 from service.stores.redis_client import CLIENT_ERRORS, Client, connect
 
@@ -416,16 +415,14 @@ class RedisStore:
                 log_start, length, packed = await pipe.execute()
         except CLIENT_ERRORS as error:
             raise StoreError(f"redis event digest read failed: {error}") from error
-        limits, now, packed = self.limits, int(self._clock()), packed or b""
+        limits, now = self.limits, int(self._clock())
+        entries = unpack_entries(packed or b"")
         end = int(log_start or 0) + int(length) // RECORD_BYTES
         found: dict[int, str] = {}
         for position in range(max(start, end - limits.dedup_window), min(stop, end)):
-            at = (position % limits.dedup_window) * ENTRY_BYTES
-            if at + ENTRY_BYTES > len(packed):
-                continue
-            (stamp,) = struct.unpack_from("<I", packed, at + ENTRY_BYTES - 4)
-            if remembered(stamp, now, limits.dedup_seconds):
-                found[position] = packed[at : at + ENTRY_BYTES - 4].hex()
+            slot = position % limits.dedup_window
+            if slot < len(entries) and remembered(entries[slot][1], now, limits.dedup_seconds):
+                found[position] = entries[slot][0].hex()
         return found
 
     async def put_profile(self, user_id: int, attributes: Mapping[str, int]) -> None:
@@ -534,9 +531,7 @@ class RedisStore:
         try:
             if isinstance(self._client, RedisCluster):
                 # A script's keys must share a slot: one call per shard, pipelined per node.
-                answers = await self._evalsha_pipelined(
-                    self._get_items, calls, self._items_client
-                )
+                answers = await self._evalsha_pipelined(self._get_items, calls, self._items_client)
             else:
                 # One node: one call for every shard (each pipelined command costs the client
                 # tens of microseconds, the most of a small lookup).
