@@ -111,25 +111,32 @@ def rank_users(client: httpx.Client, users: list[int]) -> None:
         client.post("/rank", json=rank).raise_for_status()
 
 
+def masters(client: redis.Redis | redis.RedisCluster) -> list[redis.Redis]:
+    """A client of each master (of the one node, on a single node); close them after use."""
+    if isinstance(client, redis.RedisCluster):
+        return [redis.Redis(host=n.host, port=n.port) for n in client.get_primaries()]
+    return [redis.Redis(connection_pool=client.connection_pool)]
+
+
 def server_stats(client: redis.Redis | redis.RedisCluster) -> tuple[int, float]:
     """(used_memory summed over the masters, EVALSHA µs per call since the last reset)."""
-    memory: Any = client.info("memory")
-    commands: Any = client.info("commandstats")
-    if isinstance(client, redis.RedisCluster):  # per node: {node: info}
-        used = sum(int(info["used_memory"]) for info in memory.values())
-        calls = [info.get("cmdstat_evalsha", {}) for info in commands.values()]
-    else:
-        used, calls = int(memory["used_memory"]), [commands.get("cmdstat_evalsha", {})]
-    total_calls = sum(int(c.get("calls", 0)) for c in calls)
-    total_usec = sum(int(c.get("usec", 0)) for c in calls)
-    return used, total_usec / max(total_calls, 1)
+    used, calls, usec = 0, 0, 0
+    for node in masters(client):
+        memory: Any = node.info("memory")
+        evalsha: Any = node.info("commandstats").get("cmdstat_evalsha", {})
+        used += int(memory["used_memory"])
+        calls += int(evalsha.get("calls", 0))
+        usec += int(evalsha.get("usec", 0))
+        if isinstance(client, redis.RedisCluster):
+            node.close()
+    return used, usec / max(calls, 1)
 
 
 def reset_stats(client: redis.Redis | redis.RedisCluster) -> None:
-    if isinstance(client, redis.RedisCluster):
-        client.config_resetstat(target_nodes=redis.RedisCluster.PRIMARIES)
-    else:
-        client.config_resetstat()
+    for node in masters(client):
+        node.config_resetstat()
+        if isinstance(client, redis.RedisCluster):
+            node.close()
 
 
 def measure_keys(client: redis.Redis | redis.RedisCluster, user: int) -> dict[str, int]:
