@@ -172,6 +172,7 @@ def top_events(
     listed: list[dict[str, object]] = [
         {
             "position": int(log.positions[j]),
+            "event_id": None,  # not stored: its digest is
             "event_digest": explanation.event_digests.get(int(log.positions[j])),
             "item_id": int(log.item_ids[j]),
             "action": actions[int(log.actions[j])],

@@ -91,6 +91,7 @@ async def test_response_lists_the_top_events(artifact_dir: Path) -> None:
         assert 0 < part["listed_share"] <= 1 + 1e-6
         for event in events:
             sent = by_digest[event["event_digest"]]
+            assert event["event_id"] is None  # ids are not stored, their digests are
             assert (event["item_id"], event["action"]) == (sent["item_id"], sent["action"])
             assert event["timestamp"] == sent["timestamp"]
     for part in [*whole.json()["heads"], whole.json()["combined"]]:
