@@ -66,7 +66,7 @@ from service.stores.idempotency import ENTRY_BYTES, event_digest, remembered, un
 from service.stores.records import RECORD_BYTES, EventLog, pack_record, unpack_log
 from service.stores.redis_client import CLIENT_ERRORS, Client, connect
 
-# KEYS: log, digests, meta, profile. ARGV: keep, dedup window, dedup seconds, now (unix seconds),
+# KEYS: log, digests, meta. ARGV: keep, dedup window, dedup seconds, now (unix seconds),
 # retention seconds, then digest, record, digest, record, ... Returns the count appended.
 #
 # The digest check and the log write are one script: a digest is remembered iff its record is in
@@ -83,9 +83,11 @@ from service.stores.redis_client import CLIENT_ERRORS, Client, connect
 # max_history) is cut once to the last `keep`.
 #
 # The first write is a SETRANGE (a command Redis refuses when over maxmemory): a full Redis fails
-# the script before it changes anything. Every key of the user gets the retention TTL (writes
-# refresh it, reads do not); on a cluster, a script over a slot that is being migrated runs where
-# all its keys are, so meta is written even when unchanged.
+# the script before it changes anything. The keys get the retention TTL (writes refresh it, reads
+# do not). On a cluster, a script over a slot that is being migrated runs where all its keys are,
+# and one missing key would send it back and forth: every key it names exists once it has run
+# (meta is written even when unchanged), and the profile, which a user may lack, is not one of
+# them (its TTL is refreshed by an EXPIRE beside the script).
 _APPEND_SCRIPT = f"""
 local record, entry = {RECORD_BYTES}, {ENTRY_BYTES}
 local keep, window, horizon = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -176,7 +178,7 @@ if accepted > 0 then
     redis.call('HSET', KEYS[3], 'start', string.format('%d', start))
     redis.call('HDEL', KEYS[3], 'head')
   end
-  for k = 1, 4 do
+  for k = 1, 3 do
     redis.call('EXPIRE', KEYS[k], retention)
   end
 end
@@ -267,8 +269,8 @@ end
 return found
 """
 
-_APPEND_KEYS = ("log", "eids", "meta", "profile")
-"""A user's keys the append script writes, in its KEYS order (all get the retention TTL)."""
+_APPEND_KEYS = ("log", "eids", "meta")
+"""A user's keys the append script writes, in its KEYS order."""
 
 _SCAN_BATCH = 1000
 """Keys one SCAN call examines (its COUNT hint)."""
@@ -348,8 +350,12 @@ class RedisStore:
             ([self._key(user_id, part) for part in _APPEND_KEYS], head + args)
             for user_id, args in by_user.items()
         ]
+        profiles = [
+            ("EXPIRE", self._key(user_id, "profile"), limits.retention_seconds)
+            for user_id in by_user
+        ]
         try:
-            counts = await self._evalsha_pipelined(self._append, calls)
+            counts = await self._evalsha_pipelined(self._append, calls, also=profiles)
         except CLIENT_ERRORS as error:
             raise StoreError(f"redis append failed: {error}") from error
         accepted = sum(int(c) for c in counts)
@@ -360,11 +366,13 @@ class RedisStore:
         script: AsyncScript,
         calls: Sequence[tuple[list[str], list[bytes | str | int]]],
         client: Client | None = None,
+        also: Sequence[tuple[str | int, ...]] = (),
     ) -> list[Any]:
         """``script`` once per (keys, args), all in one pipeline: one round trip on a single node,
         one per node (all at once) on a cluster, whose pipeline groups commands by node. Each
         call's keys are one user's, so each call is one slot. ``client``: the one to send with
-        (default: the store's main client).
+        (default: the store's main client). ``also``: commands sent in the same pipeline, once
+        (they must be safe whether or not a call runs).
 
         A node that has not seen the script (a new, restarted or promoted master) answers
         NOSCRIPT to its calls; only those calls are sent again, once the script is loaded on
@@ -379,7 +387,14 @@ class RedisStore:
                 for i in pending:
                     keys, args = calls[i]
                     pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                for command in also:
+                    pipe.execute_command(*command)
                 answers = await pipe.execute(raise_on_error=False)
+            answers, extra = answers[: len(pending)], answers[len(pending) :]
+            also = ()
+            for answer in extra:
+                if isinstance(answer, Exception):
+                    raise answer
             missing = []
             for i, answer in zip(pending, answers, strict=True):
                 if isinstance(answer, NoScriptError):
