@@ -408,9 +408,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines = ["# Redis footprint per user", ""]
     if "footprint" in report:
         lines += footprint_markdown(report["footprint"])
+        lines += [f"Command: `{report['footprint']['command']}`.", ""]
     if "soak" in report:
         lines += soak_markdown(report["soak"])
-    lines += [f"Command: `{report['command']}`.", ""]
+        lines += [f"Command: `{report['soak']['command']}`.", ""]
     return "\n".join(lines)
 
 
@@ -517,6 +518,12 @@ def footprint_markdown(footprint: dict[str, Any]) -> list[str]:
 def soak_markdown(soak: dict[str, Any]) -> list[str]:
     used = soak["used_memory_settled"]
     spread = (used["max"] - used["min"]) / used["min"]
+    settled = [p for p in soak["series"] if p["seconds"] >= soak["settle_seconds"]]
+    # The trend: least squares over the settled samples, and per event posted meanwhile.
+    slope = float(
+        np.polyfit([p["seconds"] for p in settled], [p["used_memory"] for p in settled], 1)[0]
+    )
+    trend = slope * (settled[-1]["seconds"] - settled[0]["seconds"])
     lines = [
         "## Soak",
         "",
@@ -528,8 +535,9 @@ def soak_markdown(soak: dict[str, Any]) -> list[str]:
         + f", {soak['events_posted']:,} events posted. Redis used_memory after "
         f"{soak['settle_seconds']:.0f} s: "
         f"{used['min']:,} to {used['max']:,} B (spread {100 * spread:.2f} %), first "
-        f"{used['first']:,}, last {used['last']:,}. Filling the users grew it by "
-        f"{soak['used_memory_per_user_filled']:,.0f} B per user.",
+        f"{used['first']:,}, last {used['last']:,}; its least-squares trend over that time "
+        f"{trend:+,.0f} B ({trend / max(soak['events_posted'], 1):+.1f} B per event posted). "
+        f"Filling the users grew it by {soak['used_memory_per_user_filled']:,.0f} B per user.",
         "",
         "| s | used_memory (B) | mean MEMORY USAGE of a sampled user (B) |",
         "|---:|---:|---:|",
@@ -549,8 +557,7 @@ def write(out: Path, parts: dict[str, Any], command: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "footprint.json"
     report: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    report |= parts
-    report["command"] = command
+    report |= {name: part | {"command": command} for name, part in parts.items()}
     path.write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
     (out / "footprint.md").write_text(text)
