@@ -19,7 +19,7 @@ from service.stores.base import (
     UserCount,
     UserSnapshot,
 )
-from service.stores.idempotency import event_digest, remembered
+from service.stores.idempotency import event_digest
 from service.stores.records import RECORD_BYTES, EventLog, pack_record, unpack_log
 
 _SWEEP_EVERY = 4096
@@ -83,7 +83,8 @@ class MemoryStore:
             return False
         position, stamp = found
         in_window = position >= self._end(user_id) - self.limits.dedup_window
-        return in_window and remembered(stamp, now, self.limits.dedup_seconds)
+        # No empty slots here (unlike a packed string): stamp 0 is a time, on a monotonic clock.
+        return in_window and now - stamp < self.limits.dedup_seconds
 
     def _end(self, user_id: int) -> int:
         return self._starts.get(user_id, 0) + len(self._logs.get(user_id, b"")) // RECORD_BYTES
