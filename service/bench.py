@@ -19,9 +19,11 @@ the state cached (hit) and not (miss: the whole history is encoded), it measures
   measured in alternating blocks, so that both see the same machine load. CPU time, unlike
   latency, does not grow when other processes compete for the cores.
 
-Results go to results/service_bench.{md,json}. Without --model-dir (or ./artifacts/LATEST) it
-serves an untrained IFA of the default spec with a synthetic 100k-item catalogue: latency does
-not depend on the weights.
+``--parts footprint`` (bytes per user in Redis, this tree beside ``--baseline REV``) and ``--parts
+soak`` (Redis memory under open-loop load) are :mod:`service.footprint`'s, written to
+results/footprint.{md,json}. The other parts' results go to results/service_bench.{md,json}.
+Without --model-dir (or ./artifacts/LATEST) it serves an untrained IFA of the default spec with a
+synthetic 100k-item catalogue: latency does not depend on the weights.
 """
 
 from __future__ import annotations
@@ -826,13 +828,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument(
         "--parts", type=lambda text: set(text.split(",")), default={"latency", "cpu"},
-        help="comma list of latency (in-process and HTTP breakdowns) and cpu (CPU per request "
-        "of the deployed service); default both",
+        help="comma list of latency (in-process and HTTP breakdowns), cpu (CPU per request "
+        "of the deployed service), footprint (Redis bytes per user) and soak (Redis memory "
+        "under load); default latency,cpu",
     )  # fmt: skip
     parser.add_argument(
         "--baseline", metavar="REV",
-        help="also measure the CPU per request of this git revision's service, side by side",
+        help="also measure this git revision's service (cpu, footprint), side by side",
     )  # fmt: skip
+    parser.add_argument("--soak-seconds", type=float, default=600.0, help="soak length")
+    parser.add_argument("--soak-rate", type=float, default=60.0, help="soak requests per second")
     parser.add_argument("--cpu-rounds", type=int, default=3, help="alternating blocks per service")
     parser.add_argument("--cpu-seconds", type=float, default=10.0, help="seconds per route block")
     args = parser.parse_args(argv)
@@ -847,6 +852,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("no artefact: exporting an untrained IFA (default spec, 100k items)", flush=True)
             model_dir = build_untrained_artifact(Path(scratch))
             label = "untrained IFA, default spec, synthetic 100k-item catalogue"
+        if args.parts & {"footprint", "soak"}:
+            print(footprint_parts(args, model_dir))
+        if not args.parts & {"latency", "cpu"}:
+            return 0
         report = asyncio.run(run(args, model_dir, label))
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -855,6 +864,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "service_bench.md").write_text(text)
     print(text)
     return 0
+
+
+def footprint_parts(args: argparse.Namespace, model_dir: Path) -> str:
+    """Run the footprint and soak parts asked for; returns results/footprint.md as written."""
+    from service import footprint
+
+    parts: dict[str, Any] = {}
+    with ExitStack() as stack:
+        if "footprint" in args.parts:
+            roots = {"this tree": REPO_ROOT}
+            if args.baseline is not None:
+                roots = {args.baseline: stack.enter_context(checkout(args.baseline))} | roots
+            parts["footprint"] = footprint.footprint(model_dir, roots)
+    if "soak" in args.parts:
+        parts["soak"] = footprint.soak(model_dir, args.soak_seconds, args.soak_rate)
+    command = "python -m service.bench " + " ".join(args.argv)
+    return footprint.write(args.out, parts, command)
 
 
 if __name__ == "__main__":

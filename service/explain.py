@@ -52,7 +52,7 @@ class Explanation:
     """The state the explanation is of (not yet advanced to the request time)."""
     log: EventLog
     """The window's events, in the order of ``attention``'s columns (by timestamp)."""
-    event_ids: dict[int, str]
+    event_digests: dict[int, str]
     attention: HeadAttention
 
 
@@ -129,7 +129,7 @@ async def explain(
     if len(log) != state.cursor - state.start:
         # The log was cut between the state's read and this one (a burst of events).
         raise StoreError("the user's log moved on while it was read; retry")
-    event_ids = await store.event_ids(user_id, state.start, state.cursor)
+    event_digests = await store.event_digests(user_id, state.start, state.cursor)
     when = time.time() if request_time is None else request_time
     # Features as the live catalogue has them now: an event whose item changed since it was
     # folded is weighed with its present features (the state keeps the old ones, DESIGN §2).
@@ -164,7 +164,7 @@ async def explain(
         },
         state=state,
         log=log,
-        event_ids=event_ids,
+        event_digests=event_digests,
         attention=attention,
     )
 
@@ -180,7 +180,8 @@ def top_events(
     listed: list[dict[str, object]] = [
         {
             "position": int(log.positions[j]),
-            "event_id": explanation.event_ids.get(int(log.positions[j])),
+            "event_id": None,  # not stored: its digest is
+            "event_digest": explanation.event_digests.get(int(log.positions[j])),
             "item_id": int(log.item_ids[j]),
             "action": actions[int(log.actions[j])],
             "timestamp": float(log.timestamps[j]),

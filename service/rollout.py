@@ -41,6 +41,7 @@ rollback is the same operation to an older version.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -163,6 +164,7 @@ class Rollout:
         self._tasks: set[asyncio.Task[None]] = set()
         self._poll: asyncio.Task[None] | None = None
         self._advertising: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         # Loading and first runs of a new version stay off the model thread that serves.
         self._loader = ThreadPoolExecutor(
             1,
@@ -383,9 +385,13 @@ class Rollout:
             )
 
     async def _advertise_serving(self) -> None:
-        while True:
+        # Ends on the stop event as well as on cancellation: a cancel that lands inside a Redis
+        # call can be absorbed there (seen as a shutdown that never finished), and the event
+        # still ends the loop.
+        while not self._stopping.is_set():
             await self.advertise()
-            await asyncio.sleep(ADVERTISE_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), ADVERTISE_SECONDS)
 
     async def advertise(self) -> None:
         """Record the state versions this worker serves or warms (a store error is logged: the
@@ -411,6 +417,7 @@ class Rollout:
     async def stop(self) -> None:
         """Cancel the poll, a rollout in progress, the cleanup and the drains of retired
         versions (a lost write-back only costs a recomputation)."""
+        self._stopping.set()
         loops = [task for task in (self._poll, self._advertising) if task is not None]
         tasks = [*self._tasks, *loops]
         for task in tasks:

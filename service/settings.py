@@ -183,10 +183,24 @@ class Settings(BaseSettings):
         "max_history (the training window), else 1000.",
     )
     dedup_window: int = Field(
-        default=10_000,
+        default=512,
         ge=1,
-        description="Event ids remembered per user for idempotent /events: the ids of the last "
-        "dedup_window events appended. A retry of an older event is appended again.",
+        description="Events per user whose ids are remembered for idempotent /events (as 8-byte "
+        "digests, 12 B each): a re-post of one of the user's last dedup_window events within "
+        "dedup_seconds is a duplicate; an older one is appended again. A post may hold at "
+        "most dedup_window events of one user, so that a retried post is always recognised.",
+    )
+    dedup_seconds: int = Field(
+        default=3600,
+        ge=1,
+        description="How long an event id is remembered for idempotency: the retry horizon.",
+    )
+    user_retention_seconds: int = Field(
+        default=30 * 86400,
+        ge=1,
+        description="A user's log, remembered ids and profile expire after this long without "
+        "an event appended (reads do not extend it); a user who returns later starts from an "
+        "empty history.",
     )
     state_ttl_seconds: int = Field(
         default=7 * 86400,

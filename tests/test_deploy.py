@@ -251,6 +251,26 @@ def test_redis_cluster_manifests_form_the_cluster_the_service_expects() -> None:
     assert '"IFA_REDIS_CLUSTER": "true"' in readme and f"redis://{governing}:6379" in readme
 
 
+def test_every_redis_evicts_users_keys_and_stays_under_its_memory_limit() -> None:
+    """Compose, the single node and the cluster: volatile-lru (every key of a user has a TTL,
+    the item table none) and a maxmemory under the container's limit, so a full Redis evicts
+    the coldest users or refuses a write (a 503), and is never killed for its memory."""
+    compose = yaml.safe_load(COMPOSE.read_text())["services"]["redis"]["command"]
+    documents = k8s_documents()
+    manifests = [
+        documents[f"StatefulSet/{name}"]["spec"]["template"]["spec"]["containers"][0]
+        for name in ("ifa-redis", "ifa-redis-cluster")
+    ]
+    for args, limit in [(compose[1:], None)] + [
+        (c["args"], c["resources"]["limits"]["memory"]) for c in manifests
+    ]:
+        options = dict(zip(args[::2], args[1::2], strict=True))
+        assert options["--maxmemory-policy"] == "volatile-lru"
+        assert options["--maxmemory"] == "1536mb"
+        if limit is not None:
+            assert limit == "2Gi"  # 1.5 GiB for data, the rest for forks and client buffers
+
+
 def test_model_artefact_delivery_is_documented_both_ways() -> None:
     documents = k8s_documents()
     assert "PersistentVolumeClaim/ifa-model" in documents  # mounted from a volume

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Sequence
 
 from fastapi import APIRouter, Request
 
@@ -13,6 +15,7 @@ from service.errors import Conflict, validation_errors
 from service.schemas import (
     STORE_RESPONSES,
     VALIDATION_RESPONSES,
+    EventIn,
     EventsRequest,
     EventsResponse,
     ValidationErrorResponse,
@@ -56,6 +59,7 @@ async def post_events(
     ]  # fmt: skip
     if unknown:
         raise validation_errors(unknown)
+    check_retry_recognisable(body.events, services.settings.dedup_window)
     skew = services.settings.max_clock_skew_seconds
     latest = time.time() + skew
     future = [
@@ -79,3 +83,23 @@ async def post_events(
     ingested.labels(outcome="accepted").inc(result.accepted)
     ingested.labels(outcome="duplicate").inc(result.duplicates)
     return EventsResponse(accepted=result.accepted, duplicates=result.duplicates)
+
+
+def check_retry_recognisable(events: Sequence[EventIn], dedup_window: int) -> None:
+    """A 422 when one user has more events in the post than the idempotency window holds.
+
+    The store recognises a re-post by the digests of a user's last ``dedup_window`` events, so a
+    retry of a post with more events of one user would append its oldest ones a second time.
+    """
+    per_user = Counter(event.user_id for event in events)
+    over = sorted((user, n) for user, n in per_user.items() if n > dedup_window)
+    if over:
+        raise validation_errors(
+            [
+                (("body", "events"),
+                 f"user {user} has {n} events in this post; at most dedup_window={dedup_window} "
+                 "per user per post, so that a retried post is recognised: split the post",
+                 "too_long")
+                for user, n in over
+            ]
+        )  # fmt: skip

@@ -65,8 +65,14 @@ class ExplainRequest(BaseModel):
 
 class ExplainedEvent(BaseModel):
     position: int = Field(description="The event's position in the user's log.")
-    event_id: str | None = Field(
-        description="Its event_id; null once it is older than the dedup window (not kept)."
+    event_id: None = Field(
+        default=None,
+        description="Always null, kept for clients that read it: the store keeps a digest of "
+        "each event_id, not the id (event_digest).",
+    )
+    event_digest: str | None = Field(
+        description="BLAKE2b-64 of its event_id, 16 hex digits (the store keeps digests, not "
+        "ids); null once the event is older than the dedup window (not remembered)."
     )
     item_id: int = Field(description="The item of the event.")
     action: str = Field(description="The event's action (GET /model lists the vocabulary).")

@@ -13,7 +13,12 @@ def open_store(settings: Settings, max_history: int) -> Store:
 
     ``max_history`` is the resolved history cap (the setting, or the model's training window).
     """
-    limits = HistoryLimits(max_history=max_history, dedup_window=settings.dedup_window)
+    limits = HistoryLimits(
+        max_history=max_history,
+        dedup_window=settings.dedup_window,
+        dedup_seconds=settings.dedup_seconds,
+        retention_seconds=settings.user_retention_seconds,
+    )
     if settings.store == "redis":
         from service.stores.redis import RedisStore
 

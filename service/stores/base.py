@@ -39,23 +39,23 @@ class NewEvent:
 
 @dataclass(frozen=True)
 class HistoryLimits:
-    """What a store keeps per user (both stores implement the same bounds)."""
+    """What a store keeps per user (every store implements the same bounds)."""
 
     max_history: int = 1000
     """The state's window: the most recent max_history events by log position."""
-    dedup_window: int = 10_000
-    """Event ids remembered: those of the last dedup_window events appended."""
-
-    @property
-    def trim_at(self) -> int:
-        """Records at which a log is cut (to :attr:`keep`): at most 2 · max_history are kept."""
-        return max(2 * self.max_history, self.keep + 1)
+    dedup_window: int = 512
+    """Event digests remembered: those of the last dedup_window events appended
+    (:mod:`service.stores.idempotency`)."""
+    dedup_seconds: int = 3600
+    """And for this long at most: a retry more than dedup_seconds after its event is new."""
+    retention_seconds: int = 30 * 86400
+    """A user's log, digests, meta and profile are dropped after this long without a write."""
 
     @property
     def keep(self) -> int:
-        """Records a cut log keeps: the window and half a window more, so that a cached state up
+        """Records a log keeps: the window and half a window more, so that a cached state up
         to max_history / 2 events behind still finds the events it must fold out (one further
-        behind is re-encoded), while each cut copies about 3 records per event appended."""
+        behind is re-encoded). A full log is a ring of exactly this many records."""
         return self.max_history + (self.max_history + 1) // 2
 
 
@@ -102,7 +102,8 @@ class UserCount:
 
 class BehaviourLog(Protocol):
     async def append_events(self, events: Sequence[NewEvent]) -> AppendResult:
-        """Append each event whose id the user's log has not seen; the rest are duplicates."""
+        """Append each event whose id the user's log does not remember; the rest are duplicates.
+        Refreshes the user's retention (``HistoryLimits.retention_seconds``)."""
         ...
 
     async def read_events(self, user_id: int, cursor: int, stop: int | None = None) -> EventLog:
@@ -110,9 +111,9 @@ class BehaviourLog(Protocol):
         timestamp, with their positions; ``end`` is the log length."""
         ...
 
-    async def event_ids(self, user_id: int, start: int, stop: int) -> dict[int, str]:
-        """Log position -> event id of the events at positions [start, stop) whose ids are still
-        remembered (the last ``dedup_window`` events'): for /explain, not for the hot path."""
+    async def event_digests(self, user_id: int, start: int, stop: int) -> dict[int, str]:
+        """Log position -> event-id digest (hex) of the events at positions [start, stop) still
+        remembered for idempotency: for /explain, not for the hot path."""
         ...
 
     async def put_profile(self, user_id: int, attributes: Mapping[str, int]) -> None: ...

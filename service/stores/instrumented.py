@@ -53,9 +53,9 @@ class InstrumentedStore:
         async with self._measured("read_events"):
             return await self.inner.read_events(user_id, cursor, stop)
 
-    async def event_ids(self, user_id: int, start: int, stop: int) -> dict[int, str]:
-        async with self._measured("event_ids"):
-            return await self.inner.event_ids(user_id, start, stop)
+    async def event_digests(self, user_id: int, start: int, stop: int) -> dict[int, str]:
+        async with self._measured("event_digests"):
+            return await self.inner.event_digests(user_id, start, stop)
 
     async def put_profile(self, user_id: int, attributes: Mapping[str, int]) -> None:
         async with self._measured("put_profile"):

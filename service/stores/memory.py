@@ -19,6 +19,7 @@ from service.stores.base import (
     UserCount,
     UserSnapshot,
 )
+from service.stores.idempotency import event_digest
 from service.stores.records import RECORD_BYTES, EventLog, pack_record, unpack_log
 
 _SWEEP_EVERY = 4096
@@ -41,8 +42,10 @@ class MemoryStore:
         self._logs: dict[int, bytearray] = {}
         self._starts: dict[int, int] = {}
         """Log position of each log's first record (0 until the log is trimmed)."""
-        self._event_ids: dict[int, dict[str, int]] = {}
-        """Recent event ids -> log position, in insertion (= position) order."""
+        self._digests: dict[int, dict[bytes, tuple[int, int]]] = {}
+        """Recent event-id digests -> (log position, second appended), in position order."""
+        self._written: dict[int, float] = {}
+        """Clock time of each user's latest append (retention)."""
         self._profiles: dict[int, dict[str, int]] = {}
         self._states: dict[tuple[str, int], _CachedState] = {}
         self._puts = 0
@@ -56,51 +59,80 @@ class MemoryStore:
 
     async def append_events(self, events: Sequence[NewEvent]) -> AppendResult:
         accepted = 0
+        clock = self._clock()
+        now = int(clock)
         touched: set[int] = set()
         for event in events:
-            seen = self._event_ids.setdefault(event.user_id, {})
-            if event.event_id in seen:
+            self._expire_if_idle(event.user_id)
+            seen = self._digests.setdefault(event.user_id, {})
+            digest = event_digest(event.event_id)
+            if self._remembered(event.user_id, seen.get(digest), now):
                 continue
             log = self._logs.setdefault(event.user_id, bytearray())
-            seen[event.event_id] = self._end(event.user_id)
+            seen.pop(digest, None)  # re-inserted last: the dict stays in position order
+            seen[digest] = (self._end(event.user_id), now)
             log += pack_record(event.item_id, event.action, event.timestamp)
             touched.add(event.user_id)
             accepted += 1
         for user_id in touched:
             self._bound(user_id)
+            self._written[user_id] = clock
         return AppendResult(accepted=accepted, duplicates=len(events) - accepted)
+
+    def _remembered(self, user_id: int, found: tuple[int, int] | None, now: int) -> bool:
+        """Whether a digest found at (position, stamp) still makes its event a duplicate."""
+        if found is None:
+            return False
+        position, stamp = found
+        in_window = position >= self._end(user_id) - self.limits.dedup_window
+        # No empty slots here (unlike a packed string): stamp 0 is a time, on a monotonic clock.
+        return in_window and now - stamp < self.limits.dedup_seconds
 
     def _end(self, user_id: int) -> int:
         return self._starts.get(user_id, 0) + len(self._logs.get(user_id, b"")) // RECORD_BYTES
 
     def _bound(self, user_id: int) -> None:
-        """Forget ids older than the dedup window; cut a long log (the Redis append script does
-        the same, with the same :class:`HistoryLimits`)."""
+        """Forget digests older than the dedup window; keep the last ``limits.keep`` records of
+        the log (the Redis store keeps the same, as a ring)."""
         end, keep = self._end(user_id), self.limits.keep
-        seen = self._event_ids[user_id]
+        seen = self._digests[user_id]
         oldest_kept = end - self.limits.dedup_window
-        while seen and next(iter(seen.values())) < oldest_kept:
+        while seen and next(iter(seen.values()))[0] < oldest_kept:
             del seen[next(iter(seen))]
         log = self._logs[user_id]
         records = len(log) // RECORD_BYTES
-        if records >= self.limits.trim_at:
+        if records > keep:
             del log[: (records - keep) * RECORD_BYTES]
             self._starts[user_id] = end - keep
 
+    def _expire_if_idle(self, user_id: int) -> None:
+        """Drop a user's log, digests, start and profile once nothing was appended to it for
+        ``limits.retention_seconds`` (as their TTL does in Redis)."""
+        written = self._written.get(user_id)
+        if written is not None and self._clock() - written >= self.limits.retention_seconds:
+            for table in (self._logs, self._starts, self._digests, self._profiles, self._written):
+                table.pop(user_id, None)
+
     async def read_events(self, user_id: int, cursor: int, stop: int | None = None) -> EventLog:
+        self._expire_if_idle(user_id)
         log = self._logs.get(user_id, bytearray())
         start, end = self._starts.get(user_id, 0), self._end(user_id)
         first, last = max(cursor, start), end if stop is None else max(min(stop, end), 0)
         data = bytes(log[(first - start) * RECORD_BYTES : max(last - start, 0) * RECORD_BYTES])
         return unpack_log(data, end=end, start=first)
 
-    async def event_ids(self, user_id: int, start: int, stop: int) -> dict[int, str]:
-        seen = self._event_ids.get(user_id, {})
+    async def event_digests(self, user_id: int, start: int, stop: int) -> dict[int, str]:
+        self._expire_if_idle(user_id)
+        seen, now = self._digests.get(user_id, {}), int(self._clock())
         return {
-            position: event_id for event_id, position in seen.items() if start <= position < stop
+            position: digest.hex()
+            for digest, (position, stamp) in seen.items()
+            if start <= position < stop and self._remembered(user_id, (position, stamp), now)
         }
 
     async def put_profile(self, user_id: int, attributes: Mapping[str, int]) -> None:
+        self._expire_if_idle(user_id)
+        self._written.setdefault(user_id, self._clock())
         self._profiles.setdefault(user_id, {}).update({k: int(v) for k, v in attributes.items()})
 
     async def seed(self, histories: SeedHistories) -> int:
@@ -110,6 +142,7 @@ class MemoryStore:
                 continue
             start, stop = histories.bounds[u], histories.bounds[u + 1]
             self._logs[user_id] = bytearray(histories.records[start:stop].tobytes())
+            self._written[user_id] = self._clock()
             written += 1
         for user_id, profile in histories.profiles.items():
             await self.put_profile(user_id, profile)
@@ -142,6 +175,7 @@ class MemoryStore:
         return True
 
     async def snapshot(self, version: str, user_id: int, ttl_seconds: int) -> UserSnapshot:
+        self._expire_if_idle(user_id)
         now = self._clock()
         cached = self._states.get((version, user_id))
         blob: bytes | None = None
@@ -190,6 +224,8 @@ class MemoryStore:
         expired = [key for key, cached in self._states.items() if cached.expires_at <= now]
         for key in expired:
             del self._states[key]
+        for user_id in list(self._written):
+            self._expire_if_idle(user_id)
 
     # -- item table -------------------------------------------------------------------------
 

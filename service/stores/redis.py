@@ -6,11 +6,13 @@ Keys of one user share the hash tag ``{u:<id>}`` so that, on Redis Cluster, a us
 ids, profile and states live in one slot and the scripts may touch them together (every
 script's KEYS are one user's):
 
-* ``<prefix>:{u:<id>}:log`` — the behaviour log, fixed-size records appended in arrival order
-  (see :mod:`service.stores.records`); it holds log positions [start, end);
-* ``<prefix>:{u:<id>}:meta`` — hash {start: log position of the log's first record};
-* ``<prefix>:{u:<id>}:eids`` — sorted set of recent event ids scored by log position
-  (idempotency over the last ``dedup_window`` events);
+* ``<prefix>:{u:<id>}:log`` — the behaviour log, fixed-size records (see
+  :mod:`service.stores.records`) in arrival order, a ring once full; it holds log positions
+  [start, end);
+* ``<prefix>:{u:<id>}:meta`` — hash {start: log position of the log's oldest record, head: its
+  slot in a full log};
+* ``<prefix>:{u:<id>}:eids`` — packed 12-byte entries (event-id digest, second appended) of the
+  last ``dedup_window`` events (:mod:`service.stores.idempotency`);
 * ``<prefix>:{u:<id>}:profile`` — hash of profile attributes;
 * ``<prefix>:{u:<id>}:state:<version>`` — hash {c: cursor, s: state blob} with a TTL.
 
@@ -26,10 +28,11 @@ its attributes as a JSON object. A bulk lookup is one script call (HMGETs) over 
 touches on a single node, and on a cluster, where the shards' hash tags spread them over the
 masters, one call per shard in one pipeline: a round trip per node, in parallel.
 
-Bounded storage: once a log holds ``limits.trim_at`` (2 · max_history) records, the append that
-crossed it drops the oldest, down to the last ``limits.keep`` (the state's window and half a
-window of slack for fold-outs, :class:`~service.stores.base.HistoryLimits`), so a user costs at
-most 2 · max_history · 20 bytes of log and ``dedup_window`` ids.
+Bounded storage: a log keeps its last ``limits.keep`` records (the state's window and half a
+window of slack for fold-outs, :class:`~service.stores.base.HistoryLimits`): once full it is a
+ring of exactly keep · 20 bytes, written in place. Digests take ``dedup_window`` · 12 bytes. The
+log, digests, meta and profile expire ``limits.retention_seconds`` after the user's last append
+(each append refreshes them; reads do not), so a user who leaves costs nothing after that.
 
 Every call has a socket timeout and an explicit retry policy (connection errors and timeouts,
 jittered exponential backoff). Retries are safe: appends are idempotent by event id and state
@@ -41,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from itertools import pairwise
 from typing import Any
 
@@ -61,48 +64,138 @@ from service.stores.base import (
     UserCount,
     UserSnapshot,
 )
+from service.stores.idempotency import ENTRY_BYTES, event_digest, remembered, unpack_entries
 from service.stores.records import RECORD_BYTES, EventLog, pack_record, unpack_log
 from service.stores.redis_client import CLIENT_ERRORS, Client, connect
 
-# KEYS: log, event ids, meta. ARGV: keep, trim at, dedup window, then event id, record, event id,
-# record, ... Returns the count appended. The id check and the APPEND are one script: an event id
-# is marked seen iff its record is in the log. Ids older than the dedup window are dropped, and a
-# log of `trim at` records or more is cut down to its last `keep`.
+# KEYS: log, digests, meta. ARGV: keep, dedup window, dedup seconds, now (unix seconds),
+# retention seconds, then digest, record, digest, record, ... Returns the count appended.
+#
+# The digest check and the log write are one script: a digest is remembered iff its record is in
+# the log. Digests live in a packed string of 12-byte entries (8-byte digest, uint32 second
+# appended), the entry of log position p at slot p mod window: a lookup is one plain
+# string.find over at most window · 12 bytes; an entry counts while it is younger than dedup
+# seconds (an empty, zero slot never does).
+#
+# The log is plain (records in position order) until it holds `keep` records; it is then
+# rewritten once without slack (APPEND grows a string by doubling it) and becomes a ring: the
+# record of position p at slot (head + p - start) mod keep, each new record written in place over
+# the oldest, so the string never grows again. Meta holds start (position of the oldest record)
+# and, for a ring, head (the slot of start). A plain log longer than `keep` (seeded, or a smaller
+# max_history) is cut once to the last `keep`.
+#
+# The first write is a SETRANGE (a command Redis refuses when over maxmemory): a full Redis fails
+# the script before it changes anything. The keys get the retention TTL (writes refresh it, reads
+# do not). On a cluster, a script over a slot that is being migrated runs where all its keys are,
+# and one missing key would send it back and forth: every key it names exists once it has run
+# (meta is written even when unchanged), and the profile, which a user may lack, is not one of
+# them (its TTL is refreshed by an EXPIRE beside the script).
 _APPEND_SCRIPT = f"""
-local record = {RECORD_BYTES}
-local keep, trim_at, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local record, entry = {RECORD_BYTES}, {ENTRY_BYTES}
+local keep, window, horizon = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now, retention = tonumber(ARGV[4]), tonumber(ARGV[5])
 local start = tonumber(redis.call('HGET', KEYS[3], 'start') or '0')
+local head = tonumber(redis.call('HGET', KEYS[3], 'head') or '-1')
 local n = math.floor(redis.call('STRLEN', KEYS[1]) / record)
-local accepted = 0
-for i = 4, #ARGV, 2 do
-  if not redis.call('ZSCORE', KEYS[2], ARGV[i]) then
-    redis.call('ZADD', KEYS[2], start + n, ARGV[i])
-    redis.call('APPEND', KEYS[1], ARGV[i + 1])
+local digests = redis.call('GET', KEYS[2]) or ''
+local full = window * entry
+-- Slots this call wrote: what the copy in `digests` holds there is gone (an event a window ago).
+local overwritten = {{}}
+
+local function remembered(digest)
+  local from = 1
+  while true do
+    local at = string.find(digests, digest, from, true)
+    if not at then
+      return false
+    end
+    if (at - 1) % entry == 0 and not overwritten[(at - 1) / entry] then
+      local stamp = struct.unpack('<I4', digests, at + 8)
+      if stamp > 0 and now - stamp < horizon then
+        return true
+      end
+    end
+    from = at + 1
+  end
+end
+
+-- The log's records in position order (a ring is read from its head).
+local function linear()
+  local data = redis.call('GET', KEYS[1]) or ''
+  if head <= 0 then
+    return data
+  end
+  return string.sub(data, head * record + 1) .. string.sub(data, 1, head * record)
+end
+
+local function append_record(value)
+  if head >= 0 and n ~= keep then
+    -- A ring of another size (max_history changed): back to a plain log.
+    redis.call('SET', KEYS[1], linear())
+    head = -1
+  end
+  if head >= 0 then
+    redis.call('SETRANGE', KEYS[1], head * record, value)
+    head = (head + 1) % keep
+    start = start + 1
+  elseif n >= keep then
+    local drop = n - keep + 1
+    redis.call('SET', KEYS[1], string.sub(linear(), drop * record + 1) .. value)
+    start, n, head = start + drop, keep, 0
+  else
+    redis.call('APPEND', KEYS[1], value)
     n = n + 1
+    if n == keep then
+      redis.call('SET', KEYS[1], redis.call('GET', KEYS[1]))
+      head = 0
+    end
+  end
+end
+
+local stamp = struct.pack('<I4', now)
+local fresh = {{}}
+local accepted = 0
+for i = 6, #ARGV, 2 do
+  local digest = ARGV[i]
+  if not fresh[digest] and not remembered(digest) then
+    local slot = (start + n) % window
+    redis.call('SETRANGE', KEYS[2], slot * entry, digest .. stamp)
+    overwritten[slot] = true
+    append_record(ARGV[i + 1])
+    fresh[digest] = true
     accepted = accepted + 1
   end
 end
 if accepted > 0 then
-  -- Every key of a user with a log exists: on a cluster, a script over a slot that is being
-  -- migrated runs where all its keys are, and a missing one would send it back and forth.
-  redis.call('HSETNX', KEYS[3], 'start', '0')
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. string.format('%d', start + n - window))
-  if n >= trim_at then
-    local drop = n - keep
-    redis.call('SET', KEYS[1], redis.call('GETRANGE', KEYS[1], drop * record, -1))
-    redis.call('HSET', KEYS[3], 'start', string.format('%d', start + drop))
+  local size = redis.call('STRLEN', KEYS[2])
+  if size > full then
+    redis.call('SET', KEYS[2], string.sub(redis.call('GET', KEYS[2]), 1, full))
+  elseif size == full and #digests < full then
+    -- Just filled: rewritten once without the slack its growth left.
+    redis.call('SET', KEYS[2], redis.call('GET', KEYS[2]))
+  end
+  if head >= 0 then
+    redis.call('HSET', KEYS[3], 'start', string.format('%d', start), 'head', head)
+  else
+    redis.call('HSET', KEYS[3], 'start', string.format('%d', start))
+    redis.call('HDEL', KEYS[3], 'head')
+  end
+  for k = 1, 3 do
+    redis.call('EXPIRE', KEYS[k], retention)
   end
 end
 return accepted
 """
 
 # KEYS: log, meta. ARGV: cursor, stop (-1: the end). Returns {first position read, log end,
-# records}: the records at positions [max(cursor, start), min(stop, end)), read together with the
-# bounds they are relative to.
+# records}: the records at positions [max(cursor, start), min(stop, end)), in position order (a
+# ring's range may wrap: two ranges), read together with the bounds they are relative to.
 _READ_SCRIPT = f"""
 local record = {RECORD_BYTES}
 local start = tonumber(redis.call('HGET', KEYS[2], 'start') or '0')
-local stop = start + math.floor(redis.call('STRLEN', KEYS[1]) / record)
+local head = tonumber(redis.call('HGET', KEYS[2], 'head') or '-1')
+local n = math.floor(redis.call('STRLEN', KEYS[1]) / record)
+local stop = start + n
 local first = math.max(tonumber(ARGV[1]), start)
 local last = stop
 if tonumber(ARGV[2]) >= 0 then
@@ -110,7 +203,17 @@ if tonumber(ARGV[2]) >= 0 then
 end
 local data = ''
 if first < last then
-  data = redis.call('GETRANGE', KEYS[1], (first - start) * record, (last - start) * record - 1)
+  local from = first - start
+  if head >= 0 then
+    from = (head + from) % n
+  end
+  local to = from + last - first
+  if to <= n then
+    data = redis.call('GETRANGE', KEYS[1], from * record, to * record - 1)
+  else
+    data = redis.call('GETRANGE', KEYS[1], from * record, -1) ..
+           redis.call('GETRANGE', KEYS[1], 0, (to - n) * record - 1)
+  end
 end
 return {{first, stop, data}}
 """
@@ -168,6 +271,9 @@ end
 return found
 """
 
+_APPEND_KEYS = ("log", "eids", "meta")
+"""A user's keys the append script writes, in its KEYS order."""
+
 _SCAN_BATCH = 1000
 """Keys one SCAN call examines (its COUNT hint)."""
 
@@ -195,9 +301,12 @@ class RedisStore:
         backoff_seconds: float = 0.01,
         limits: HistoryLimits | None = None,
         cluster: bool = False,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.prefix = prefix
         self.limits = limits or HistoryLimits()
+        self._clock = clock
+        """Unix seconds the digests are stamped with (and a retry is compared at)."""
         self._client = connect(
             url, cluster, max_connections, timeout_seconds, retries, backoff_seconds
         )
@@ -228,24 +337,27 @@ class RedisStore:
         limits = self.limits
         head: list[bytes | str | int] = [
             limits.keep,
-            limits.trim_at,
             limits.dedup_window,
+            limits.dedup_seconds,
+            int(self._clock()),
+            limits.retention_seconds,
         ]
         by_user: dict[int, list[bytes | str | int]] = defaultdict(list)
         for event in events:
             by_user[event.user_id] += [
-                event.event_id,
+                event_digest(event.event_id),
                 pack_record(event.item_id, event.action, event.timestamp),
             ]
         calls = [
-            (
-                [self._key(user_id, "log"), self._key(user_id, "eids"), self._key(user_id, "meta")],
-                head + args,
-            )
+            ([self._key(user_id, part) for part in _APPEND_KEYS], head + args)
             for user_id, args in by_user.items()
         ]
+        profiles = [
+            ("EXPIRE", self._key(user_id, "profile"), limits.retention_seconds)
+            for user_id in by_user
+        ]
         try:
-            counts = await self._evalsha_pipelined(self._append, calls)
+            counts = await self._evalsha_pipelined(self._append, calls, also=profiles)
         except CLIENT_ERRORS as error:
             raise StoreError(f"redis append failed: {error}") from error
         accepted = sum(int(c) for c in counts)
@@ -256,11 +368,13 @@ class RedisStore:
         script: AsyncScript,
         calls: Sequence[tuple[list[str], list[bytes | str | int]]],
         client: Client | None = None,
+        also: Sequence[tuple[str | int, ...]] = (),
     ) -> list[Any]:
         """``script`` once per (keys, args), all in one pipeline: one round trip on a single node,
         one per node (all at once) on a cluster, whose pipeline groups commands by node. Each
         call's keys are one user's, so each call is one slot. ``client``: the one to send with
-        (default: the store's main client).
+        (default: the store's main client). ``also``: commands sent in the same pipeline, once
+        (they must be safe whether or not a call runs).
 
         A node that has not seen the script (a new, restarted or promoted master) answers
         NOSCRIPT to its calls; only those calls are sent again, once the script is loaded on
@@ -275,7 +389,14 @@ class RedisStore:
                 for i in pending:
                     keys, args = calls[i]
                     pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                for command in also:
+                    pipe.execute_command(*command)
                 answers = await pipe.execute(raise_on_error=False)
+            answers, extra = answers[: len(pending)], answers[len(pending) :]
+            also = ()
+            for answer in extra:
+                if isinstance(answer, Exception):
+                    raise answer
             missing = []
             for i, answer in zip(pending, answers, strict=True):
                 if isinstance(answer, NoScriptError):
@@ -300,55 +421,67 @@ class RedisStore:
             raise StoreError(f"redis log read failed: {error}") from error
         return unpack_log(bytes(data), end=int(end), start=int(first))
 
-    async def event_ids(self, user_id: int, start: int, stop: int) -> dict[int, str]:
+    async def event_digests(self, user_id: int, start: int, stop: int) -> dict[int, str]:
         if stop <= start:
             return {}
         try:
-            pairs = await self._client.zrangebyscore(
-                self._key(user_id, "eids"), start, stop - 1, withscores=True
-            )
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hget(self._key(user_id, "meta"), "start")
+                pipe.strlen(self._key(user_id, "log"))
+                pipe.get(self._key(user_id, "eids"))
+                log_start, length, packed = await pipe.execute()
         except CLIENT_ERRORS as error:
-            raise StoreError(f"redis event id read failed: {error}") from error
-        found: list[Any] = list(pairs)  # (member bytes, score float) pairs
-        return {int(score): bytes(member).decode() for member, score in found}
+            raise StoreError(f"redis event digest read failed: {error}") from error
+        limits, now = self.limits, int(self._clock())
+        entries = unpack_entries(packed or b"")
+        end = int(log_start or 0) + int(length) // RECORD_BYTES
+        found: dict[int, str] = {}
+        for position in range(max(start, end - limits.dedup_window), min(stop, end)):
+            slot = position % limits.dedup_window
+            if slot < len(entries) and remembered(entries[slot][1], now, limits.dedup_seconds):
+                found[position] = entries[slot][0].hex()
+        return found
 
     async def put_profile(self, user_id: int, attributes: Mapping[str, int]) -> None:
         if not attributes:
             return
+        key = self._key(user_id, "profile")
         try:
-            await self._client.hset(
-                self._key(user_id, "profile"),
-                mapping=_hash_fields(attributes),
-            )
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hset(key, mapping=_hash_fields(attributes))
+                pipe.expire(key, self.limits.retention_seconds)
+                await pipe.execute()
         except CLIENT_ERRORS as error:
             raise StoreError(f"redis profile write failed: {error}") from error
 
     async def seed(self, histories: SeedHistories) -> int:
         user_ids = histories.user_ids.tolist()
+        retention = self.limits.retention_seconds
         written = 0
         try:
             for chunk_start in range(0, len(user_ids), _SEED_CHUNK_USERS):
                 async with self._client.pipeline(transaction=False) as pipe:
                     chunk = range(chunk_start, min(chunk_start + _SEED_CHUNK_USERS, len(user_ids)))
+                    sets: list[int] = []  # the SETs' places among the pipeline's results
                     for u in chunk:
                         start, stop = histories.bounds[u], histories.bounds[u + 1]
                         blob = histories.records[start:stop].tobytes()
                         # NX: a user whose log exists (an earlier seed, live events) keeps it.
-                        pipe.set(self._key(user_ids[u], "log"), blob, nx=True)
+                        sets.append(len(pipe))
+                        pipe.set(self._key(user_ids[u], "log"), blob, nx=True, ex=retention)
                         profile = histories.profiles.get(user_ids[u])
                         if profile:
-                            pipe.hset(
-                                self._key(user_ids[u], "profile"), mapping=_hash_fields(profile)
-                            )
+                            key = self._key(user_ids[u], "profile")
+                            pipe.hset(key, mapping=_hash_fields(profile))
+                            pipe.expire(key, retention)
                     results = await pipe.execute()
-                written += sum(1 for r in results if r is True)
+                written += sum(1 for i in sets if results[i] is True)
             leftover = set(histories.profiles) - set(user_ids)
             async with self._client.pipeline(transaction=False) as pipe:
                 for user_id in leftover:
-                    pipe.hset(
-                        self._key(user_id, "profile"),
-                        mapping=_hash_fields(histories.profiles[user_id]),
-                    )
+                    key = self._key(user_id, "profile")
+                    pipe.hset(key, mapping=_hash_fields(histories.profiles[user_id]))
+                    pipe.expire(key, retention)
                 await pipe.execute()
         except CLIENT_ERRORS as error:
             raise StoreError(f"redis seed failed: {error}") from error

@@ -356,3 +356,26 @@ async def test_a_405_allows_every_method_of_the_path(client: httpx.AsyncClient) 
     assert response.status_code == 405
     assert response.headers.get_list("allow") == ["GET, POST"]
     assert (await client.delete("/rank")).headers["allow"] == "POST"
+
+
+async def test_a_post_with_more_events_of_one_user_than_the_retry_window_is_refused(
+    artifact_dir: Path,
+) -> None:
+    # A retry is recognised by the digests of a user's last dedup_window events: a post with
+    # more events of one user could not be retried safely, so it is refused whole.
+    settings = make_settings(artifact_dir, max_events_per_post=MAX_EVENTS, dedup_window=3)
+    rng = np.random.default_rng(4)
+    async with service_client(settings) as client:
+        over = events_payload(15, 4, rng)
+        over["events"] += events_payload(16, 1, rng)["events"]
+        response = await client.post("/events", json=over)
+        assert response.status_code == 422
+        assert issue_fields(response) == ["events"]
+        assert "user 15 has 4 events" in response.json()["detail"][0]["msg"]
+        assert "dedup_window=3" in response.json()["detail"][0]["msg"]
+        ranked = await client.post("/rank", json={"user_id": 16, "candidate_ids": [1]})
+        assert ranked.json()["history_length"] == 0
+        within = events_payload(15, 3, rng)
+        within["events"] += events_payload(16, 2, rng)["events"]
+        assert (await client.post("/events", json=within)).json()["accepted"] == 5
+        assert (await client.post("/events", json=within)).json()["duplicates"] == 5

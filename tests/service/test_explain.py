@@ -18,6 +18,7 @@ from model.linear_attention import attention_degree, read_state
 from service.api.deps import Services
 from service.explain import explain
 from service.state import advance
+from service.stores.idempotency import event_digest
 from tests.support import T0, events_payload, make_settings, service_client
 
 pytestmark = pytest.mark.anyio
@@ -81,7 +82,7 @@ async def test_response_lists_the_top_events(artifact_dir: Path) -> None:
     assert body["model_version"] == ranked.json()["model_version"]
     assert body["score"] == pytest.approx(ranked.json()["items"][0]["score"], abs=TOLERANCE)
     assert body["history_length"] == 30
-    by_id = {e["event_id"]: e for e in posted}
+    by_digest = {event_digest(e["event_id"]).hex(): e for e in posted}
     for part in [*body["heads"], body["combined"]]:
         events = part["events"]
         assert len(events) == 5
@@ -89,7 +90,8 @@ async def test_response_lists_the_top_events(artifact_dir: Path) -> None:
         assert weights == sorted(weights, reverse=True)
         assert 0 < part["listed_share"] <= 1 + 1e-6
         for event in events:
-            sent = by_id[event["event_id"]]
+            sent = by_digest[event["event_digest"]]
+            assert event["event_id"] is None  # ids are not stored, their digests are
             assert (event["item_id"], event["action"]) == (sent["item_id"], sent["action"])
             assert event["timestamp"] == sent["timestamp"]
     for part in [*whole.json()["heads"], whole.json()["combined"]]:
@@ -110,10 +112,10 @@ async def test_an_event_folded_out_of_the_window_disappears(
         second = (
             await client.post("/explain", json={"user_id": 3, "item_id": 7, "top": 10})
         ).json()
-    listed = {e["event_id"] for e in first["combined"]["events"]}
-    assert listed == {f"u3-e{i}" for i in range(10)}
-    kept = {e["event_id"] for e in second["combined"]["events"]}
-    assert kept == {f"u3-e{i}" for i in range(4, 14)}
+    listed = {e["event_digest"] for e in first["combined"]["events"]}
+    assert listed == {event_digest(f"u3-e{i}").hex() for i in range(10)}
+    kept = {e["event_digest"] for e in second["combined"]["events"]}
+    assert kept == {event_digest(f"u3-e{i}").hex() for i in range(4, 14)}
     assert second["history_length"] == 10
     for head in second["heads"]:
         assert sum(e["weight"] for e in head["events"]) == pytest.approx(1.0, abs=1e-4)

@@ -4,6 +4,7 @@ real three-master Redis Cluster."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from redis.asyncio.connection import Connection
 
 from loadtest.harness import redis_process
 from service.stores.base import HistoryLimits, NewEvent, SeedHistories, Store, StoreError
+from service.stores.idempotency import event_digest
 from service.stores.memory import MemoryStore
 from service.stores.records import pack_records
 from service.stores.redis import ITEM_SHARDS, RedisStore
@@ -29,14 +31,16 @@ REDIS_BACKENDS = [
 ]
 
 
-def open_redis(request: pytest.FixtureRequest, backend: str) -> tuple[RedisStore, str]:
+def open_redis(
+    request: pytest.FixtureRequest, backend: str, **options: Any
+) -> tuple[RedisStore, str]:
     """A Redis store (single node or cluster) under this test's own prefix, and its URL."""
     if backend == "cluster":
         url = request.getfixturevalue("local_cluster").url
         prefix = request.getfixturevalue("cluster_prefix")
-        return RedisStore(url, prefix=prefix, cluster=True), url
+        return RedisStore(url, prefix=prefix, cluster=True, **options), url
     url = request.getfixturevalue("redis_url")
-    return RedisStore(url, prefix=request.getfixturevalue("redis_prefix")), url
+    return RedisStore(url, prefix=request.getfixturevalue("redis_prefix"), **options), url
 
 
 @pytest.fixture(params=["memory", *REDIS_BACKENDS])
@@ -214,9 +218,11 @@ async def test_an_unreachable_redis_raises_store_errors(cluster: bool) -> None:
         await store.close()
 
 
-def limited(store: Store, max_history: int, dedup_window: int) -> Store:
-    """The same backend with other :class:`HistoryLimits` (both stores keep them as ``limits``)."""
-    store.limits = HistoryLimits(max_history=max_history, dedup_window=dedup_window)  # type: ignore[attr-defined]
+def limited(store: Store, max_history: int, dedup_window: int, dedup_seconds: int = 3600) -> Store:
+    """The same backend with other :class:`HistoryLimits` (every store keeps them as ``limits``)."""
+    store.limits = HistoryLimits(  # type: ignore[attr-defined]
+        max_history=max_history, dedup_window=dedup_window, dedup_seconds=dedup_seconds
+    )
     return store
 
 
@@ -225,25 +231,86 @@ async def test_a_long_log_is_cut_and_positions_stay_absolute(store: Store) -> No
     for i in range(11):
         await store.append_events([event(f"e{i}", 30, 100 + i, 1000.0 + i)])
     snapshot = await store.snapshot("v", 30, TTL)
-    # Cut at 2·4 records down to 4 + 2 (after the 8th and the 10th event): positions 4..10.
-    assert (snapshot.log_start, snapshot.log_length) == (4, 11)
+    # The last 4 + 2 records are kept: positions 5..10 (in Redis a ring whose oldest record,
+    # position 5, sits in its last slot, so whole reads wrap).
+    assert (snapshot.log_start, snapshot.log_length) == (5, 11)
     log = await store.read_events(30, 0)
-    assert log.positions.tolist() == list(range(4, 11))
-    assert log.item_ids.tolist() == list(range(104, 111))
+    assert log.positions.tolist() == list(range(5, 11))
+    assert log.item_ids.tolist() == list(range(105, 111))
     assert (await store.read_events(30, 9)).item_ids.tolist() == [109, 110]
     window = await store.read_events(30, 5, 7)
     assert (window.positions.tolist(), window.end) == ([5, 6], 11)
+    # A batch that laps the ring keeps the last 6 of it, in order.
+    await store.append_events([event(f"f{i}", 30, 200 + i, 2000.0 + i) for i in range(9)])
+    log = await store.read_events(30, 0)
+    assert (log.positions.tolist(), log.end) == (list(range(14, 20)), 20)
+    assert log.item_ids.tolist() == list(range(203, 209))
 
 
 async def test_event_ids_are_remembered_over_the_dedup_window_only(store: Store) -> None:
     store = limited(store, max_history=100, dedup_window=3)
     for i in range(5):
         await store.append_events([event(f"e{i}", 31, i, 10.0 + i)])
-    # e2..e4 are the last three: retries of them are duplicates.
+    # e2..e4 are the last three: retries of them are duplicates, e2 just inside the window.
     result = await store.append_events([event("e4", 31, 4, 14.0), event("e2", 31, 2, 12.0)])
     assert (result.accepted, result.duplicates) == (0, 2)
-    # e0 fell out of the window: appended again (the documented limit of idempotency).
-    assert (await store.append_events([event("e0", 31, 0, 10.0)])).accepted == 1
+    # e1, just outside, is appended again (the documented limit of idempotency); it is now one
+    # of the last three, and e2 fell out.
+    assert (await store.append_events([event("e1", 31, 1, 11.0)])).accepted == 1
+    result = await store.append_events([event("e1", 31, 1, 11.0), event("e2", 31, 2, 12.0)])
+    assert (result.accepted, result.duplicates) == (1, 1)
+
+
+async def test_a_batch_longer_than_the_window_remembers_its_last_events(store: Store) -> None:
+    store = limited(store, max_history=100, dedup_window=3)
+    batch = [event(f"b{i}", 35, i, 10.0 + i) for i in range(5)]
+    # Inside one batch, a repeated id is a duplicate however the window laps.
+    assert (await store.append_events([*batch, batch[4]])).accepted == 5
+    # Re-posted whole, each event is checked against the window as it stands then: b0 and b1
+    # fell out; appending them pushes b2 and then b3 out, and so on: all five are new again.
+    assert (await store.append_events(batch)).accepted == 5
+    assert (await store.read_events(35, 0)).end == 10
+    # The window is the second batch's last three (checked before b1 pushes b2 out).
+    result = await store.append_events(batch[4:0:-1])
+    assert (result.accepted, result.duplicates) == (1, 3)
+
+
+@pytest.fixture(params=["memory", *REDIS_BACKENDS])
+async def clocked(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Store, list[float]]]:
+    """A store whose digests are stamped by a clock the test sets (``now[0]``, unix seconds)."""
+    now = [1_700_000_000.0]
+
+    def clock() -> float:
+        return now[0]
+
+    if request.param == "memory":
+        yield MemoryStore(clock=clock), now
+        return
+    store, _ = open_redis(request, request.param, clock=clock)
+    try:
+        yield store, now
+    finally:
+        await store.close()
+
+
+async def test_event_ids_are_remembered_for_dedup_seconds_only(
+    clocked: tuple[Store, list[float]],
+) -> None:
+    store, now = clocked
+    store = limited(store, max_history=100, dedup_window=100, dedup_seconds=60)
+    await store.append_events([event("early", 36, 1, 1.0)])
+    now[0] += 30
+    await store.append_events([event("late", 36, 2, 2.0)])
+    now[0] += 29  # 59 s after "early", 29 s after "late": both just inside
+    result = await store.append_events([event("early", 36, 1, 1.0), event("late", 36, 2, 2.0)])
+    assert (result.accepted, result.duplicates) == (0, 2)
+    now[0] += 1  # 60 s after "early": just outside, appended again; "late" still inside
+    result = await store.append_events([event("early", 36, 1, 1.0), event("late", 36, 2, 2.0)])
+    assert (result.accepted, result.duplicates) == (1, 1)
+    assert await store.event_digests(36, 0, 3) == {
+        1: event_digest("late").hex(),
+        2: event_digest("early").hex(),
+    }
 
 
 async def test_replace_writes_over_a_larger_cursor(store: Store) -> None:
@@ -314,6 +381,8 @@ async def test_a_rediss_url_talks_tls(tmp_path: Path) -> None:
         finally:
             await store.close()
             await plain.close()
+
+
 @pytest.mark.parametrize("backend", REDIS_BACKENDS)
 async def test_a_batch_is_one_script_call_per_user_in_one_round_trip_per_node(
     request: pytest.FixtureRequest, backend: str, monkeypatch: pytest.MonkeyPatch
@@ -403,3 +472,111 @@ def test_a_torn_connection_inside_the_client_is_a_store_error_and_ours_stays_a_b
     inner.error = _attribute_error_raised_in("/work/service/stores/redis.py")
     with pytest.raises(AttributeError):
         asyncio.run(store.append_events([]))
+
+
+USER_PARTS = ("log", "eids", "meta", "profile")
+"""A user's keys that expire with the retention (states have their own TTL)."""
+
+
+def wait_until_gone(client: redis_sync.Redis | redis_sync.RedisCluster, keys: list[str]) -> None:
+    """Until Redis has expired every key (its expiry is to the millisecond; the poll only waits
+    for it, the test asserts nothing about when)."""
+    for _ in range(200):
+        if not any(client.exists(key) for key in keys):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"keys still there: {keys}")
+
+
+@pytest.mark.parametrize("backend", REDIS_BACKENDS)
+async def test_only_appends_refresh_the_retention_of_a_users_keys(
+    request: pytest.FixtureRequest, backend: str
+) -> None:
+    store, url = open_redis(request, backend)
+    store.limits = HistoryLimits(retention_seconds=1000)
+    client = (redis_sync.RedisCluster if backend == "cluster" else redis_sync.Redis).from_url(url)
+    keys = [f"{store.prefix}:{{u:37}}:{part}" for part in USER_PARTS]
+    try:
+        await store.put_profile(37, {"gender": 1})
+        await store.append_events([event("a", 37, 1, 1.0)])
+        assert all(990 < client.ttl(key) <= 1000 for key in keys)
+        for key in keys:
+            client.expire(key, 100)
+        await store.snapshot("v", 37, TTL)
+        await store.read_events(37, 0)
+        await store.event_digests(37, 0, 1)
+        assert all(0 < client.ttl(key) <= 100 for key in keys)  # reads wrote nothing
+        await store.append_events([event("a", 37, 1, 1.0)])  # a duplicate: the profile only
+        assert all(0 < client.ttl(key) <= 100 for key in keys[:3])
+        await store.append_events([event("b", 37, 2, 2.0)])
+        assert all(990 < client.ttl(key) <= 1000 for key in keys)
+    finally:
+        await store.close()
+        client.close()
+
+
+@pytest.mark.parametrize("backend", REDIS_BACKENDS)
+async def test_a_user_who_returns_after_the_retention_starts_from_an_empty_log(
+    request: pytest.FixtureRequest, backend: str
+) -> None:
+    store, url = open_redis(request, backend)
+    store.limits = HistoryLimits(max_history=2, retention_seconds=1)
+    client = (redis_sync.RedisCluster if backend == "cluster" else redis_sync.Redis).from_url(url)
+    try:
+        await store.put_profile(38, {"gender": 1})
+        await store.append_events([event(f"e{i}", 38, i, float(i)) for i in range(5)])
+        assert (await store.snapshot("v", 38, TTL)).log_start == 2  # a ring by now
+        wait_until_gone(client, [f"{store.prefix}:{{u:38}}:{part}" for part in USER_PARTS])
+        snapshot = await store.snapshot("v", 38, TTL)
+        assert (snapshot.log_start, snapshot.log_length, snapshot.profile) == (0, 0, {})
+        # Its old ids are forgotten with the log: a re-post is a new event at position 0.
+        assert (await store.append_events([event("e4", 38, 40, 50.0)])).accepted == 1
+        log = await store.read_events(38, 0)
+        assert (log.positions.tolist(), log.item_ids.tolist(), log.end) == ([0], [40], 1)
+    finally:
+        await store.close()
+        client.close()
+
+
+async def test_the_memory_store_forgets_a_user_after_the_retention() -> None:
+    now = [0.0]
+    store = MemoryStore(clock=lambda: now[0], limits=HistoryLimits(retention_seconds=100))
+    await store.put_profile(39, {"gender": 1})
+    await store.append_events([event("a", 39, 1, 1.0)])
+    now[0] = 99.0
+    await store.snapshot("v", 39, TTL)  # a read does not extend the retention
+    await store.append_events([event("b", 39, 2, 2.0)])  # an append does
+    now[0] = 198.0
+    assert (await store.snapshot("v", 39, TTL)).log_length == 2
+    now[0] = 199.0
+    snapshot = await store.snapshot("v", 39, TTL)
+    assert (snapshot.log_length, snapshot.profile) == (0, {})
+    assert (await store.append_events([event("a", 39, 1, 1.0)])).accepted == 1
+
+
+@pytest.mark.redis
+async def test_a_full_log_takes_its_records_bytes_and_no_more(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """APPEND doubles a string's allocation when it grows; the full log is a ring of exactly
+    ``keep`` records that never grows again, however many events follow."""
+    store = RedisStore(redis_url, prefix=redis_prefix, limits=HistoryLimits(max_history=200))
+    client = redis_sync.Redis.from_url(redis_url)
+    key = f"{redis_prefix}:{{u:40}}:log"
+    try:
+        keep = store.limits.keep
+        sizes: list[int] = []
+        for i in range(0, 3 * keep, 3):
+            await store.append_events([event(f"e{j}", 40, j, float(j)) for j in range(i, i + 3)])
+            if i >= keep:
+                sizes.append(int(client.memory_usage(key) or 0))
+        assert client.strlen(key) == keep * 20
+        # The allocator rounds 6000 bytes up to its next size class (at most 1/8 more), and the
+        # key and object headers take under 100 bytes.
+        assert max(sizes) == min(sizes) <= keep * 20 * 9 / 8 + 100
+        assert (await store.read_events(40, 0)).item_ids.tolist() == list(
+            range(3 * keep - keep, 3 * keep)
+        )
+    finally:
+        await store.close()
+        client.close()
