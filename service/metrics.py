@@ -57,7 +57,7 @@ ROLLOUT_OUTCOMES = ("switched", "failed")
 EXPLAIN_OUTCOMES = ("ok", "rate_limited")
 STORE_OPERATIONS = (
     "snapshot", "read_events", "append_events", "put_state", "put_profile", "seed", "ping",
-    "put_items", "get_items",
+    "put_items", "get_items", "agree_layout",
 )  # fmt: skip
 
 

@@ -70,9 +70,7 @@ class ModelQueue:
         self._pending += 1
         self._on_depth(self._pending)
         try:
-            result, waited = await asyncio.get_running_loop().run_in_executor(
-                self.executor, timed
-            )
+            result, waited = await asyncio.get_running_loop().run_in_executor(self.executor, timed)
         finally:
             self._pending -= 1
             self._on_depth(self._pending)

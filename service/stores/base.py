@@ -19,6 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
+from service.stores.layout import StoreLayout
 from service.stores.records import EventLog
 
 
@@ -28,7 +29,8 @@ class StoreError(RuntimeError):
 
 @dataclass(frozen=True)
 class NewEvent:
-    """One behaviour event as ingested; ``action`` indexes the model's action vocabulary."""
+    """One behaviour event as ingested; ``action`` indexes the store's action vocabulary
+    (:class:`~service.stores.layout.StoreLayout`)."""
 
     event_id: str
     user_id: int
@@ -182,7 +184,16 @@ class ItemTable(Protocol):
         ...
 
 
-class Store(BehaviourLog, StateCache, RolloutRecords, ItemTable, Protocol):
+class LayoutRecord(Protocol):
+    async def agree_layout(self, actions: Sequence[str], max_history: int) -> StoreLayout:
+        """Apply :func:`service.stores.layout.reconcile` to the store's layout record
+        atomically and return the record after it; raises
+        :class:`~service.stores.layout.LayoutMismatch` (the record unchanged) for a model or a
+        worker that would misread the logs."""
+        ...
+
+
+class Store(BehaviourLog, StateCache, RolloutRecords, ItemTable, LayoutRecord, Protocol):
     async def snapshot(self, version: str, user_id: int, ttl_seconds: int) -> UserSnapshot:
         """The cached state, profile and log bounds of a user. The state's TTL is refreshed once
         less than half of it is left (so that reads do not write)."""

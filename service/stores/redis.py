@@ -14,7 +14,9 @@ script's KEYS are one user's):
 * ``<prefix>:{u:<id>}:profile`` — hash of profile attributes;
 * ``<prefix>:{u:<id>}:state:<version>`` — hash {c: cursor, s: state blob} with a TTL.
 
-Two keys are not a user's: ``<prefix>:active`` (sorted set, user -> latest activity, the users a
+Three keys are not a user's: ``<prefix>:layout`` (the store's action vocabulary and
+max_history, JSON: :mod:`service.stores.layout`; a log record's action indexes its vocabulary),
+``<prefix>:active`` (sorted set, user -> latest activity, the users a
 rollout warms; bounded, written once a second per worker) and ``<prefix>:rollout:cleaned:<state
 version>`` (the lock that lets one worker delete the older states after a rollout).
 
@@ -58,6 +60,7 @@ from service.stores.base import (
     UserCount,
     UserSnapshot,
 )
+from service.stores.layout import StoreLayout, reconcile
 from service.stores.records import RECORD_BYTES, EventLog, pack_record, unpack_log
 from service.stores.redis_client import CLIENT_ERRORS, Client, connect
 
@@ -165,6 +168,20 @@ end
 return found
 """
 
+# KEYS: layout record. ARGV: the record expected (empty: none), the record to write. A
+# compare-and-set, so that the rule of service.stores.layout.reconcile stays in Python.
+_SWAP_LAYOUT_SCRIPT = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+
+_LAYOUT_ATTEMPTS = 8
+"""Compare-and-sets of the layout record before giving up: each loss means another worker
+changed it in between, which happens only while workers start or roll out together."""
+
 _SCAN_BATCH = 1000
 """Keys one SCAN call examines (its COUNT hint)."""
 
@@ -215,6 +232,7 @@ class RedisStore:
         self._put_state = self._client.register_script(_PUT_STATE_SCRIPT)
         self._snapshot = self._client.register_script(_SNAPSHOT_SCRIPT)
         self._get_items = self._client.register_script(_ITEMS_SCRIPT)
+        self._swap_layout = self._client.register_script(_SWAP_LAYOUT_SCRIPT)
 
     def _key(self, user_id: int, part: str) -> str:
         return f"{self.prefix}:{{u:{user_id}}}:{part}"
@@ -412,9 +430,7 @@ class RedisStore:
         try:
             if isinstance(self._client, RedisCluster):
                 # A script's keys must share a slot: one call per shard, pipelined per node.
-                answers = await self._evalsha_pipelined(
-                    self._get_items, calls, self._items_client
-                )
+                answers = await self._evalsha_pipelined(self._get_items, calls, self._items_client)
             else:
                 # One node: one call for every shard (each pipelined command costs the client
                 # tens of microseconds, the most of a small lookup).
@@ -529,6 +545,24 @@ class RedisStore:
                 # The raw command: the cluster pipeline's unlink() is a coroutine, not a queuing.
                 pipe.execute_command("UNLINK", key)
             return sum(int(n) for n in await pipe.execute())
+
+    # -- layout record ----------------------------------------------------------------------
+
+    async def agree_layout(self, actions: Sequence[str], max_history: int) -> StoreLayout:
+        key = f"{self.prefix}:layout"
+        try:
+            for _ in range(_LAYOUT_ATTEMPTS):
+                current: Any = await self._client.get(key)  # bytes or None
+                recorded = StoreLayout.decode(current) if current is not None else None
+                layout = reconcile(recorded, actions, max_history)
+                if layout == recorded:
+                    return layout
+                expected = current if current is not None else b""
+                if await self._swap_layout(keys=[key], args=[expected, layout.encode()]):
+                    return layout
+        except CLIENT_ERRORS as error:
+            raise StoreError(f"redis layout record failed: {error}") from error
+        raise StoreError(f"the layout record {key} kept changing under {_LAYOUT_ATTEMPTS} tries")
 
     # -- lifecycle --------------------------------------------------------------------------
 

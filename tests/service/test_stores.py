@@ -314,6 +314,8 @@ async def test_a_rediss_url_talks_tls(tmp_path: Path) -> None:
         finally:
             await store.close()
             await plain.close()
+
+
 @pytest.mark.parametrize("backend", REDIS_BACKENDS)
 async def test_a_batch_is_one_script_call_per_user_in_one_round_trip_per_node(
     request: pytest.FixtureRequest, backend: str, monkeypatch: pytest.MonkeyPatch
