@@ -22,9 +22,26 @@ import numpy as np
 from service.stores.layout import StoreLayout
 from service.stores.records import EventLog
 
+ItemAttributes = dict[str, int]
+"""An item's raw attributes by field name (``category``, ``author``, ...), as posted: raw values,
+featurised under whichever model serves (a value outside its vocabulary is that field's OOV)."""
+
 
 class StoreError(RuntimeError):
     """The store could not be reached or refused an operation."""
+
+
+class ItemsUnavailable(StoreError):
+    """A bulk item lookup that reached only part of the item table (on a cluster, a node that
+    failed, or is left alone for a moment after failing): ``found`` holds what was read,
+    ``unavailable[i]`` whether the i-th id could not be."""
+
+    def __init__(
+        self, message: str, found: list[ItemAttributes | None], unavailable: list[bool]
+    ) -> None:
+        super().__init__(message)
+        self.found = found
+        self.unavailable = unavailable
 
 
 @dataclass(frozen=True)
@@ -166,11 +183,6 @@ class RolloutRecords(Protocol):
         at a time with a pause between batches; returns the states deleted. Once per
         ``keep_version`` however many workers ask (they all do after a rollout)."""
         ...
-
-
-ItemAttributes = dict[str, int]
-"""An item's raw attributes by field name (``category``, ``author``, ...), as posted: raw values,
-featurised under whichever model serves (a value outside its vocabulary is that field's OOV)."""
 
 
 class ItemTable(Protocol):

@@ -39,6 +39,7 @@ writes are compare-and-sets.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
@@ -54,6 +55,7 @@ from service.stores.base import (
     AppendResult,
     HistoryLimits,
     ItemAttributes,
+    ItemsUnavailable,
     NewEvent,
     SeedHistories,
     StoreError,
@@ -192,6 +194,11 @@ its poll interval and warm-up of the same rollout)."""
 _SEED_CHUNK_USERS = 512
 """Users per seeding pipeline: large enough to amortise round trips, small enough to stream."""
 
+ITEM_SHARD_BACKOFF_SECONDS = 1.0
+"""How long a cluster's item lookups leave a shard alone after its call failed (they answer
+from the worker's cache meanwhile): a node that is down costs one timeout a second, not one
+per request."""
+
 ITEM_SHARDS = 16
 """Hashes the item table is spread over. Part of the key layout (changing it strands the items
 stored): enough to spread a large catalogue over a cluster's masters (a key migrates whole when
@@ -204,7 +211,7 @@ class RedisStore:
         url: str,
         prefix: str = "ifa",
         max_connections: int = 64,
-        timeout_seconds: float = 0.25,
+        timeout_seconds: float = 0.08,
         retries: int = 1,
         backoff_seconds: float = 0.01,
         limits: HistoryLimits | None = None,
@@ -220,6 +227,8 @@ class RedisStore:
         # retries left closes every connection of its client (redis-py 8.1), those that
         # concurrent requests are using included. An item lookup that fails falls back to the
         # features the worker has; the users' states never share its connections.
+        self._shard_retry_at: defaultdict[int, float] = defaultdict(float)
+        """Item shard -> monotonic time before which lookups do not ask it (cluster only)."""
         self._items_client = (
             connect(url, cluster, max_connections, timeout_seconds, cluster_retries=0)
             if cluster
@@ -271,6 +280,7 @@ class RedisStore:
         script: AsyncScript,
         calls: Sequence[tuple[list[str], list[bytes | str | int]]],
         client: Client | None = None,
+        errors_answer: bool = False,
     ) -> list[Any]:
         """``script`` once per (keys, args), all in one pipeline: one round trip on a single node,
         one per node (all at once) on a cluster, whose pipeline groups commands by node. Each
@@ -279,7 +289,8 @@ class RedisStore:
 
         A node that has not seen the script (a new, restarted or promoted master) answers
         NOSCRIPT to its calls; only those calls are sent again, once the script is loaded on
-        every master, so no call runs twice and the counts stay exact.
+        every master, so no call runs twice and the counts stay exact. ``errors_answer``: a
+        call that failed otherwise has its error as its result, rather than raising it.
         """
         client = client if client is not None else self._client
         results: list[Any] = [None] * len(calls)
@@ -295,13 +306,19 @@ class RedisStore:
             for i, answer in zip(pending, answers, strict=True):
                 if isinstance(answer, NoScriptError):
                     missing.append(i)
-                elif isinstance(answer, Exception):
+                elif isinstance(answer, Exception) and not errors_answer:
                     raise answer
                 else:
                     results[i] = answer
             if not missing:
                 return results
-            await client.script_load(script.script)
+            try:
+                await client.script_load(script.script)
+            except CLIENT_ERRORS:
+                if not errors_answer:
+                    raise
+                # Loaded on the masters that answered: their calls go again; a call on one
+                # that did not fails on its own.
             pending = missing
         raise NoScriptError("script still unknown to a node after loading it on every master")
 
@@ -422,15 +439,19 @@ class RedisStore:
         shards = ids % ITEM_SHARDS
         order = np.argsort(shards, kind="stable")
         bounds = np.searchsorted(shards[order], np.arange(ITEM_SHARDS + 1))
-        calls: list[tuple[list[str], list[bytes | str | int]]] = [
-            ([self._item_key(shard)], [" ".join(map(str, ids[order[start:stop]].tolist()))])
+        spans = [
+            (shard, start, stop)
             for shard, (start, stop) in enumerate(pairwise(bounds.tolist()))
             if start < stop
+        ]
+        calls: list[tuple[list[str], list[bytes | str | int]]] = [
+            ([self._item_key(shard)], [" ".join(map(str, ids[order[start:stop]].tolist()))])
+            for shard, start, stop in spans
         ]
         try:
             if isinstance(self._client, RedisCluster):
                 # A script's keys must share a slot: one call per shard, pipelined per node.
-                answers = await self._evalsha_pipelined(self._get_items, calls, self._items_client)
+                return await self._cluster_items(ids, order, spans, calls)
             else:
                 # One node: one call for every shard (each pipelined command costs the client
                 # tens of microseconds, the most of a small lookup).
@@ -447,6 +468,47 @@ class RedisStore:
             if value is not None:
                 found[position] = _decode_item(value)
         return found
+
+    async def _cluster_items(
+        self,
+        ids: np.ndarray,
+        order: np.ndarray,
+        spans: list[tuple[int, int, int]],
+        calls: list[tuple[list[str], list[bytes | str | int]]],
+    ) -> list[ItemAttributes | None]:
+        """The cluster's lookup: one call per shard, each answered or failed on its own, so
+        that one node down fails only the ids of its shards (:class:`ItemsUnavailable`); a
+        shard whose call failed is not asked again for :data:`ITEM_SHARD_BACKOFF_SECONDS`, so
+        requests do not each wait on a node that is down. Raises :class:`StoreError` when no
+        shard answers."""
+        now = time.monotonic()
+        asked = [i for i, (shard, _, _) in enumerate(spans) if self._shard_retry_at[shard] <= now]
+        answers = await self._evalsha_pipelined(
+            self._get_items, [calls[i] for i in asked], self._items_client, errors_answer=True
+        )
+        found: list[ItemAttributes | None] = [None] * len(ids)
+        unavailable = [True] * len(ids)
+        failures: list[BaseException] = []
+        for i, answer in zip(asked, answers, strict=True):
+            shard, start, stop = spans[i]
+            if isinstance(answer, BaseException):
+                self._shard_retry_at[shard] = now + ITEM_SHARD_BACKOFF_SECONDS
+                failures.append(answer)
+                continue
+            for position, value in zip(order[start:stop].tolist(), answer, strict=True):
+                unavailable[position] = False
+                if value is not None:
+                    found[position] = _decode_item(value)
+        if not any(unavailable):
+            return found
+        reason = f"{failures[0]}" if failures else "backing off after a failure"
+        if all(unavailable):
+            raise StoreError(f"redis item read failed: {reason}")
+        raise ItemsUnavailable(
+            f"redis item read failed on {sum(unavailable)} of {len(ids)} ids: {reason}",
+            found,
+            unavailable,
+        )
 
     # -- state cache ------------------------------------------------------------------------
 
