@@ -12,6 +12,7 @@ import numpy as np
 import pydantic
 import pytest
 import redis as redis_sync
+from redis.asyncio.cluster import RedisCluster
 
 from loadtest.harness import LocalCluster
 from service.settings import Settings
@@ -56,8 +57,10 @@ async def test_a_full_pool_makes_calls_wait_for_a_connection(
 async def test_the_cluster_client_retries_as_configured(local_cluster: LocalCluster) -> None:
     store = RedisStore(local_cluster.url, cluster=True, retries=2)
     try:
-        assert store._client.retry.get_retries() == 2
-        assert store._items_client.retry.get_retries() == 0  # items fall back instead
+        client, items_client = store._client, store._items_client
+        assert isinstance(client, RedisCluster) and isinstance(items_client, RedisCluster)
+        assert client.retry.get_retries() == 2
+        assert items_client.retry.get_retries() == 0  # items fall back instead
     finally:
         await store.close()
 
@@ -92,10 +95,12 @@ async def test_one_cluster_node_down_fails_only_the_item_shards_it_holds(
     paused = redis_sync.Redis(port=victim)
     try:
         await store.put_items({item_id: {"category": 3, "author": 7} for item_id in ids})
+        client = store._items_client
+        assert isinstance(client, RedisCluster)
         down = {
             shard
             for shard in range(ITEM_SHARDS)
-            if store._items_client.get_node_from_key(store._item_key(shard)).port == victim
+            if getattr(client.get_node_from_key(store._item_key(shard)), "port", None) == victim
         }
         assert 0 < len(down) < ITEM_SHARDS
         paused.execute_command("CLIENT", "PAUSE", "5000", "ALL")
