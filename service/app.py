@@ -28,7 +28,7 @@ from service.errors import install_error_handlers
 from service.explain import EagerNets, RateLimit
 from service.items import LiveCatalogue
 from service.loop_lag import watch_loop_lag
-from service.metrics import Metrics, retire_worker
+from service.metrics import Metrics, retire_dead_workers, retire_worker
 from service.middleware import HttpMetricsMiddleware
 from service.model_queue import ModelQueue
 from service.ranker import Ranker
@@ -73,7 +73,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = await start(settings, metrics)
+        retire_dead_workers()  # this worker may be the replacement of one that died
+        try:
+            services = await start(settings, metrics)
+        except BaseException:
+            retire_worker()
+            raise
         freeze_startup_objects()
         app.state.services = services
         lag_watch = asyncio.create_task(watch_loop_lag(metrics.event_loop_lag))

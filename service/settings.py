@@ -150,6 +150,16 @@ class Settings(BaseSettings):
         description="Requests (/rank, /events) one worker handles at once; beyond it a 503 with "
         "Retry-After is answered at once, before any queue grows.",
     )
+    limit_concurrency: int = Field(
+        default=1024,
+        ge=2,
+        description="Connections plus requests in progress one worker's server (uvicorn) "
+        "accepts; at the limit it answers every new request, probes included, with a plain "
+        "503 (text, Connection: close, no Retry-After) before the app sees it. A backstop "
+        "against connection floods, kept well above max_inflight (which sheds work with a "
+        "JSON 503 and Retry-After first) and above the connections a load balancer keeps open "
+        "to one worker; a start with it at or below max_inflight is refused.",
+    )
     retry_after_seconds: int = Field(
         default=1, ge=0, description="Retry-After of 503 answers (overload, store unavailable)."
     )
@@ -346,6 +356,17 @@ class Settings(BaseSettings):
                 f"(request_budget_seconds={self.request_budget_seconds:g} x state_fetch_share="
                 f"{self.state_fetch_share:g}): lower redis_timeout_seconds or redis_retries, or "
                 f"raise the budget"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _the_server_limit_is_above_admission(self) -> Settings:
+        """uvicorn's limit answers a bare 503 to everything, health probes included; the
+        admission limit, which sheds only work with a Retry-After, must act first."""
+        if self.limit_concurrency <= self.max_inflight:
+            raise ValueError(
+                f"limit_concurrency={self.limit_concurrency} must be above max_inflight="
+                f"{self.max_inflight}: at the server's limit even /healthz is refused"
             )
         return self
 
