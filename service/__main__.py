@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
+        limit_concurrency=settings.limit_concurrency,
     )
     return 0
 

@@ -1,5 +1,6 @@
 """Admission control, before a request reaches the app: a per-worker in-flight limit and a body
-size limit, both answered at once (503 + Retry-After, 413) without reading or parsing more.
+size limit, both answered at once (503 + Retry-After, 413) without reading or parsing more. A
+request counts against the in-flight limit from before its body is read.
 
 Pure ASGI, like :mod:`service.middleware`. The in-flight limit answers before any queue grows:
 a worker that already handles ``max_inflight`` requests refuses the next, and the client (or the
@@ -53,33 +54,39 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        limited = path in LIMITED_ROUTES
-        if limited and self.inflight >= self.max_inflight:
+        if path not in LIMITED_ROUTES:
+            await self._admit_body(scope, receive, send, limited=False)
+            return
+        if self.inflight >= self.max_inflight:
             scope["route"] = RouteLabel(path)
             self.metrics.errors.labels(kind="overloaded").inc()
             detail = f"this worker is handling {self.inflight} requests; retry shortly"
             await _answer(send, 503, detail, [(b"retry-after", self.retry_after)])
             return
+        # Counted from here, its body read included: a slow client's upload holds the worker
+        # too, and uncounted ones would let any number of them past the limit at once.
+        self.inflight += 1
+        self.metrics.inflight.inc()
+        try:
+            await self._admit_body(scope, receive, send, limited=True)
+        finally:
+            self.inflight -= 1
+            self.metrics.inflight.dec()
+
+    async def _admit_body(self, scope: Scope, receive: Receive, send: Send, limited: bool) -> None:
+        """Read the body (of a method that has one) within the size limit and hand the
+        request to the app, or answer 413."""
         if scope.get("method") in BODY_METHODS:
             body = await self._read_body(scope, receive)
             if body is None:
                 if limited:
-                    scope["route"] = RouteLabel(path)
+                    scope["route"] = RouteLabel(scope.get("path", ""))
                 self.metrics.errors.labels(kind="too_large").inc()
                 detail = f"body: larger than the limit of {self.max_body_bytes} bytes"
                 await _answer(send, 413, detail, [(b"connection", b"close")])
                 return
             receive = _replay(body, receive)
-        if not limited:
-            await self.app(scope, receive, send)
-            return
-        self.inflight += 1
-        self.metrics.inflight.inc()
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.inflight -= 1
-            self.metrics.inflight.dec()
+        await self.app(scope, receive, send)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         """The whole body, or None as soon as it is known to exceed the limit."""

@@ -29,7 +29,7 @@ from service.explain import EagerNets
 from service.heap import freeze_long_lived
 from service.items import LiveCatalogue
 from service.loop_lag import watch_loop_lag
-from service.metrics import Metrics, retire_worker
+from service.metrics import Metrics, retire_dead_workers, retire_worker
 from service.middleware import HttpMetricsMiddleware
 from service.model_queue import ModelQueue
 from service.ranker import Ranker
@@ -42,6 +42,7 @@ from service.settings import Settings
 from service.stores import open_store, store_location
 from service.stores.base import Store, StoreError
 from service.stores.instrumented import InstrumentedStore
+from service.stores.layout import LayoutMismatch
 from service.stores.records import EventLog
 
 logger = logging.getLogger("service")
@@ -77,7 +78,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = await start(settings, metrics)
+        retire_dead_workers()  # this worker may be the replacement of one that died
+        try:
+            services = await start(settings, metrics)
+        except BaseException:
+            retire_worker()
+            raise
         freeze_long_lived()
         app.state.services = services
         lag_watch = asyncio.create_task(watch_loop_lag(metrics.event_loop_lag))
@@ -159,9 +165,14 @@ async def start(settings: Settings, metrics: Metrics) -> Services:
         await loop.run_in_executor(executor, warm_up, runtime)
         max_history = settings.resolved_max_history(runtime.trained_max_history)
         store = InstrumentedStore(open_store(settings, max_history), metrics)
+        await agree_layout(store, runtime, max_history)
         if settings.seed_world is not None:
             histories = await loop.run_in_executor(
-                None, load_seed, settings.seed_world, runtime.actions, runtime.spec.user_names
+                None,
+                load_seed,
+                settings.seed_world,
+                runtime.stored_actions.stored_names,
+                runtime.spec.user_names,
             )
             written = await store.seed(histories)
             logger.info(
@@ -230,6 +241,22 @@ async def start(settings: Settings, metrics: Metrics) -> Services:
         EagerNets(),
         ClientRateLimits(settings.explain_rate_per_second, EXPLAIN_BURST),
     )
+
+
+async def agree_layout(store: Store, runtime: ModelRuntime, max_history: int) -> None:
+    """Bind the model to the store's layout record (its action vocabulary, its max_history).
+
+    Raises :class:`LayoutMismatch` (the server does not start) for a model or a setting that
+    would misread the store's logs. An unreachable store is a degraded start: the first request
+    that reaches the store agrees, and until then /events refuses with a 503.
+    """
+    try:
+        runtime.bind_layout(await store.agree_layout(runtime.actions, max_history))
+    except LayoutMismatch as error:
+        logger.error("refusing to serve model %s: %s", runtime.version, error)
+        raise
+    except StoreError as error:
+        logger.warning("store layout not checked yet (%s): the first request will", error)
 
 
 async def log_store(store: Store, settings: Settings) -> None:

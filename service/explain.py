@@ -183,7 +183,7 @@ def top_events(
             "event_id": None,  # not stored: its digest is
             "event_digest": explanation.event_digests.get(int(log.positions[j])),
             "item_id": int(log.item_ids[j]),
-            "action": actions[int(log.actions[j])],
+            "action": _action_name(actions, int(log.actions[j])),
             "timestamp": float(log.timestamps[j]),
             "weight": float(values[j]),
         }
@@ -192,6 +192,12 @@ def top_events(
     total = float(values.sum())
     share = float(values[order].sum() / total) if total > 0 else 0.0
     return listed, share
+
+
+def _action_name(actions: tuple[str, ...], stored: int) -> str:
+    """The name of a stored action index; "unknown" for one appended to the store's vocabulary
+    after this version was loaded (by a newer version on another worker) or one no model had."""
+    return actions[stored] if 0 <= stored < len(actions) else "unknown"
 
 
 def render(explanation: Explanation, top: int, actions: tuple[str, ...]) -> dict[str, object]:

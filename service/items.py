@@ -31,12 +31,15 @@ import numpy as np
 from model.catalogue import ID_COLUMN, MISSING_VALUE, Catalogue
 from model.features import OOV_INDEX
 from service.metrics import Metrics
-from service.stores.base import ItemAttributes, ItemTable, StoreError
+from service.stores.base import ItemAttributes, ItemsUnavailable, ItemTable, StoreError
 from service.stores.records import EventLog
 
 logger = logging.getLogger("service")
 
 DEGRADED_LOG_INTERVAL_SECONDS = 10.0
+LOOKUP_BACKOFF_SECONDS = 1.0
+"""After a failed lookup, how long lookups answer from the cache alone: a store that is down
+costs each worker one lookup budget a second, not one per request."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,8 @@ class LiveCatalogue:
         self._until = np.zeros(len(self._base_ids))  # (K,) clock time the row holds until
         self._others: dict[int, _Entry] = {}
         self._degraded_logged_at = -DEGRADED_LOG_INTERVAL_SECONDS
+        self._lookups_resume_at = -LOOKUP_BACKOFF_SECONDS
+        """Clock time before which lookups do not ask the store (it failed just before)."""
 
     # -- featurisation of posted attributes -------------------------------------------------
 
@@ -210,17 +215,23 @@ class LiveCatalogue:
         """Fetch ``ids[due]`` from the store and write them into ``rows``/``known`` and the
         cache; on failure leave ``rows``/``known`` as the cache had them. ``position`` and
         ``in_base`` locate ``ids`` in the base arrays."""
+        if now < self._lookups_resume_at:
+            self._degraded(len(due), now, None)  # the store failed a moment ago: not yet again
+            return
         unique, first, inverse = np.unique(ids[due], return_index=True, return_inverse=True)
-        located = position[due][first], in_base[due][first]
         try:
             async with asyncio.timeout(self.lookup_budget_seconds):
                 found = await self.table.get_items(unique.tolist())
+        except ItemsUnavailable as partial:
+            # Some of the table answered (a cluster node is down): keep what it read.
+            reached = ~np.asarray(partial.unavailable, dtype=bool)
+            self._degraded(int(np.count_nonzero(~reached[inverse])), now, partial)
+            due, inverse, unique, first, found = _answered(due, inverse, unique, first, partial)
         except (StoreError, TimeoutError) as error:
-            self.metrics.item_cache.labels(outcome="degraded").inc(len(due))
-            if now - self._degraded_logged_at >= DEGRADED_LOG_INTERVAL_SECONDS:
-                self._degraded_logged_at = now  # once in a while: an outage must not flood the log
-                logger.warning("item lookup degraded: %s", error or "lookup budget spent")
+            self._lookups_resume_at = now + LOOKUP_BACKOFF_SECONDS
+            self._degraded(len(due), now, error)
             return
+        located = position[due][first], in_base[due][first]
         self.metrics.item_cache.labels(outcome="miss").inc(len(due))
         stored = {
             item_id: attributes
@@ -242,6 +253,14 @@ class LiveCatalogue:
         # A write (PUT /items) since this fetch started is newer than what it read: keep it.
         until = now + self.ttl_seconds
         self._remember(unique, fetched_rows, fetched_known, until, newer=True, located=located)
+
+    def _degraded(self, count: int, now: float, error: BaseException | None) -> None:
+        """Count ``count`` ids answered without the store; log why once in a while (an outage
+        must not flood the log)."""
+        self.metrics.item_cache.labels(outcome="degraded").inc(count)
+        if error is not None and now - self._degraded_logged_at >= DEGRADED_LOG_INTERVAL_SECONDS:
+            self._degraded_logged_at = now
+            logger.warning("item lookup degraded: %s", error or "lookup budget spent")
 
     def _remember(
         self,
@@ -282,3 +301,20 @@ class LiveCatalogue:
         # searchsorted returns K for ids above the largest; clip so the comparison can index.
         position = np.minimum(np.searchsorted(self._base_ids, ids), len(self._base_ids) - 1)
         return position, self._base_ids[position] == ids
+
+
+def _answered(
+    due: np.ndarray,
+    inverse: np.ndarray,
+    unique: np.ndarray,
+    first: np.ndarray,
+    partial: ItemsUnavailable,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[ItemAttributes | None]]:
+    """A lookup's arrays (``due`` (D,) positions, ``inverse`` (D,) into ``unique`` (U,),
+    ``first`` (U,) into ``due``) narrowed to the ids the partial answer reached."""
+    reached = ~np.asarray(partial.unavailable, dtype=bool)  # (U,)
+    kept = reached[inverse]  # (D,)
+    renumber = np.cumsum(reached) - 1  # (U,) index among the reached ids
+    found = [value for value, ok in zip(partial.found, reached.tolist(), strict=True) if ok]
+    first_kept = np.cumsum(kept) - 1  # (D,) index among the kept positions
+    return due[kept], renumber[inverse[kept]], unique[reached], first_kept[first[reached]], found

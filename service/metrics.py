@@ -7,7 +7,9 @@ bounded sets (route templates, status classes, stages, outcomes), never user or 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -58,7 +60,7 @@ ROLLOUT_OUTCOMES = ("switched", "failed")
 EXPLAIN_OUTCOMES = ("ok", "rate_limited")
 STORE_OPERATIONS = (
     "snapshot", "read_events", "append_events", "put_state", "put_profile", "seed", "ping",
-    "put_items", "get_items",
+    "put_items", "get_items", "agree_layout",
 )  # fmt: skip
 
 
@@ -269,3 +271,41 @@ def retire_worker() -> None:
     """Drop this worker's live gauges from the multiprocess directory (at shutdown)."""
     if os.environ.get(MULTIPROCESS_ENV):
         multiprocess.mark_process_dead(os.getpid())
+
+
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
+
+
+def retire_dead_workers() -> list[int]:
+    """Drop the live gauges of worker processes that no longer run (killed, crashed: they never
+    reached :func:`retire_worker`), so that their last in-flight count or queue depth does not
+    stay in every scrape; each worker does it as it starts, which is when the server replaces
+    one that died. Returns the process ids retired."""
+    directory = os.environ.get(MULTIPROCESS_ENV)
+    if not directory:
+        return []
+    pids = {
+        int(match.group(1))
+        for path in Path(directory).glob("gauge_live*.db")
+        if (match := _LIVE_GAUGE_FILE.fullmatch(path.name))
+    }
+    dead = sorted(pid for pid in pids if not _running(pid))
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, directory)
+    return dead
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this id runs (and is not a zombie waiting to be reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: not one of ours, but alive
+    status = Path(f"/proc/{pid}/stat")
+    try:
+        # The state follows the command name in parentheses: Z is a zombie.
+        return status.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

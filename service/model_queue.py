@@ -18,6 +18,7 @@ cannot clear, and each job's wait is measured (the ``model_queue`` stage).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,8 @@ class ModelQueue:
         self._on_wait = on_wait
         self._on_depth = on_depth
         self._pending = 0
-        """Jobs submitted and not finished; touched on the event loop only."""
+        """Jobs submitted and not ended (a cancelled caller's job included); touched on the
+        event loop only."""
 
     @property
     def pending(self) -> int:
@@ -67,14 +69,24 @@ class ModelQueue:
             waited = time.perf_counter() - submitted
             return job(), waited
 
+        loop = asyncio.get_running_loop()
+        future = self.executor.submit(timed)
         self._pending += 1
         self._on_depth(self._pending)
-        try:
-            result, waited = await asyncio.get_running_loop().run_in_executor(
-                self.executor, timed
-            )
-        finally:
-            self._pending -= 1
-            self._on_depth(self._pending)
+        # Counted until the job ends, not until its caller stops waiting: a cancelled request
+        # leaves its job running on the model thread, and the queue is that much longer.
+        future.add_done_callback(lambda _: _call_on_loop(loop, self._job_ended))
+        result, waited = await asyncio.wrap_future(future)
         self._on_wait(waited)
         return result
+
+    def _job_ended(self) -> None:
+        self._pending -= 1
+        self._on_depth(self._pending)
+
+
+def _call_on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """Run ``callback`` on ``loop`` from any thread; nothing once the loop is closed (the
+    worker is shutting down and nobody reads the count)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback)

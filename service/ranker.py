@@ -245,6 +245,7 @@ class Ranker:
         does not answer within the state's share of the request budget."""
         try:
             async with asyncio.timeout(self.state_budget_seconds):
+                await self.runtime.agree_layout(self.store, self.max_history)
                 snapshot = await self.store.snapshot(
                     self.runtime.state_version, user_id, self.state_ttl_seconds
                 )

@@ -262,6 +262,7 @@ class Rollout:
             status.warm_total = status.warm_done = 0
             try:
                 runtime = await self._load(version)
+                await self._agree_layout(runtime)
                 same_states = runtime.state_version == current.runtime.state_version
                 ranker = self.make_ranker(runtime, current.ranker if same_states else None)
                 if not same_states and self.settings.state_cache:  # nothing to warm without it
@@ -336,6 +337,13 @@ class Rollout:
         )
         await loop.run_in_executor(self._loader, self.prepare, runtime)
         return runtime
+
+    async def _agree_layout(self, runtime: ModelRuntime) -> None:
+        """Refuse (raise) a version that would misread the store's logs: an action list that
+        lacks a name the store holds, or a max_history other than the store's; a version that
+        extends the list appends its new names to the store's."""
+        max_history = self.settings.resolved_max_history(runtime.trained_max_history)
+        runtime.bind_layout(await self.store.agree_layout(runtime.actions, max_history))
 
     async def _warm(self, ranker: Ranker) -> None:
         """Store the new encoder's states of the most active users, at the duty cycle."""

@@ -22,6 +22,8 @@ from model.catalogue import Catalogue
 from model.features import FeatureSpec
 from service.model_queue import ModelQueue
 from service.state import UserState, advance, empty_state, fold, fold_reference_time, unfold
+from service.stores.base import LayoutRecord, StoreError
+from service.stores.layout import ActionMapping, LayoutMismatch, StoreLayout
 from service.stores.records import EventLog
 
 T = TypeVar("T")
@@ -55,6 +57,10 @@ class ModelRuntime:
         self.trained_max_history: int | None = manifest.max_history
         self.spec: FeatureSpec = model.spec
         self.actions: tuple[str, ...] = tuple(manifest.actions)
+        self.stored_actions = ActionMapping.identity(self.actions)
+        """This model's actions against the store's vocabulary (stored logs hold the store's
+        indices); the identity until :meth:`bind_layout`, which every serving path runs first."""
+        self._layout_bound = False
         self.objectives: tuple[str, ...] = tuple(manifest.objectives)
         if self.objectives != API_OBJECTIVES:
             # The wire format names these four probabilities (DESIGN §5).
@@ -77,6 +83,22 @@ class ModelRuntime:
         worker's model queue is full)."""
         return await self.queue.run(job, long)
 
+    def bind_layout(self, layout: StoreLayout) -> None:
+        """Read and write stored actions through ``layout``, which accepted this model."""
+        self.stored_actions = ActionMapping.bind(layout, self.actions)
+        self._layout_bound = True
+
+    async def agree_layout(self, store: LayoutRecord, max_history: int) -> ActionMapping:
+        """The mapping onto the store's vocabulary, agreed with the store on first use where
+        start-up could not reach it; raises :class:`StoreError` until it can (a model the store
+        refuses included: this worker must not read or write the store's logs)."""
+        if not self._layout_bound:
+            try:
+                self.bind_layout(await store.agree_layout(self.actions, max_history))
+            except LayoutMismatch as error:
+                raise StoreError(f"model {self.version} refused by the store: {error}") from error
+        return self.stored_actions
+
     def empty_state(self) -> UserState:
         return empty_state(self.heads, self.key_dim, self.value_dim)
 
@@ -95,11 +117,13 @@ class ModelRuntime:
 
     def event_rows(self, log: EventLog) -> np.ndarray:
         """(N, F_event) rows of logged events: their items' rows as resolved through the live
-        catalogue when the log carries them, else through the base catalogue."""
+        catalogue when the log carries them, else through the base catalogue; their actions
+        (the store's indices) mapped to the model's by name."""
         item_rows = log.item_rows
         if item_rows is None:
             item_rows, _ = self.catalogue.rows(log.item_ids)
-        return self.spec.event_rows(item_rows, log.actions, log.timestamps)
+        actions = self.stored_actions.model_actions(log.actions)
+        return self.spec.event_rows(item_rows, actions, log.timestamps)
 
     # -- torch work (through run() only) ----------------------------------------------------------
 

@@ -27,7 +27,7 @@ def load_seed(
     """Histories of ``world_dir/events.parquet`` and profiles of ``users.parquet``.
 
     A world stores actions as indices into :data:`model.features.ACTIONS`; they are re-indexed
-    into the model's vocabulary ``actions`` by name (names it lacks become -1, scored as OOV).
+    into the store's vocabulary ``actions`` by name (names it lacks become -1, scored as OOV).
     Only profile columns in ``profile_fields`` (the model's user fields) are kept.
     """
     events = pq.read_table(world_dir / TABLE_FILES["events"], columns=list(EVENT_COLUMNS))

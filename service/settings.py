@@ -44,6 +44,10 @@ logger = logging.getLogger("service")
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
+RETRY_BACKOFF_CAP = 8
+"""The longest backoff before a Redis retry, in multiples of redis_retry_backoff_seconds."""
+
+
 class Settings(BaseSettings):
     """IFA ranking service: each setting is --<name> or IFA_<NAME> (the flag wins)."""
 
@@ -103,12 +107,20 @@ class Settings(BaseSettings):
         "discovers the other nodes and routes every user's keys to their slot.",
     )
     redis_prefix: str = Field(default="ifa", min_length=1, description="Prefix of every Redis key.")
-    redis_max_connections: int = Field(default=64, ge=1, description="Redis connection pool size.")
+    redis_max_connections: int = Field(
+        default=64,
+        ge=1,
+        description="Redis connections per worker (per node on a cluster). When all are busy a "
+        "call waits for one, up to redis_timeout_seconds.",
+    )
     redis_timeout_seconds: float = Field(
-        default=0.25,
+        default=0.08,
         gt=0,
-        description="Socket connect and read timeout of one Redis call (the request budget "
-        "bounds the whole request on top of it).",
+        description="Socket connect and read timeout of one Redis call, and the longest wait "
+        "for a free connection of a full pool. The call and its retries must fit the user "
+        "state's share of the request budget (request_budget_seconds x state_fetch_share), so "
+        "that a slow read gets its retry before /rank degrades: a start with settings where "
+        "they do not is refused.",
     )
     redis_retries: int = Field(
         default=1,
@@ -144,6 +156,16 @@ class Settings(BaseSettings):
         ge=1,
         description="Requests (/rank, /events) one worker handles at once; beyond it a 503 with "
         "Retry-After is answered at once, before any queue grows.",
+    )
+    limit_concurrency: int = Field(
+        default=1024,
+        ge=2,
+        description="Connections plus requests in progress one worker's server (uvicorn) "
+        "accepts; at the limit it answers every new request, probes included, with a plain "
+        "503 (text, Connection: close, no Retry-After) before the app sees it. A backstop "
+        "against connection floods, kept well above max_inflight (which sheds work with a "
+        "JSON 503 and Retry-After first) and above the connections a load balancer keeps open "
+        "to one worker; a start with it at or below max_inflight is refused.",
     )
     retry_after_seconds: int = Field(
         default=1, ge=0, description="Retry-After of 503 answers (overload, store unavailable)."
@@ -371,6 +393,46 @@ class Settings(BaseSettings):
         if self.api_token is None:
             return ()
         return tuple(t.encode() for t in split_tokens(self.api_token.get_secret_value()))
+
+    @model_validator(mode="after")
+    def _a_redis_retry_fits_the_state_budget(self) -> Settings:
+        """A Redis call that times out must leave time for its retries within the state's
+        budget: otherwise the budget expires first, a slow read never gets its retry, and
+        each expiry tears a connection down mid-command."""
+        if self.store != "redis":
+            return self
+        budget = self.request_budget_seconds * self.state_fetch_share
+        worst = self.redis_call_seconds()
+        if worst > budget:
+            raise ValueError(
+                f"a Redis call may take {worst:.3f} s (redis_timeout_seconds="
+                f"{self.redis_timeout_seconds:g} x {self.redis_retries + 1} attempts, plus "
+                f"backoff), more than the user state's budget of {budget:.3f} s "
+                f"(request_budget_seconds={self.request_budget_seconds:g} x state_fetch_share="
+                f"{self.state_fetch_share:g}): lower redis_timeout_seconds or redis_retries, or "
+                f"raise the budget"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _the_server_limit_is_above_admission(self) -> Settings:
+        """uvicorn's limit answers a bare 503 to everything, health probes included; the
+        admission limit, which sheds only work with a Retry-After, must act first."""
+        if self.limit_concurrency <= self.max_inflight:
+            raise ValueError(
+                f"limit_concurrency={self.limit_concurrency} must be above max_inflight="
+                f"{self.max_inflight}: at the server's limit even /healthz is refused"
+            )
+        return self
+
+    def redis_call_seconds(self) -> float:
+        """The longest a Redis call takes with its retries: each attempt's socket timeout and
+        the longest jittered backoff before each retry (min(cap, base x 2^k) for retry k)."""
+        base = self.redis_retry_backoff_seconds
+        backoff = sum(
+            min(RETRY_BACKOFF_CAP * base, base * 2**k) for k in range(1, self.redis_retries + 1)
+        )
+        return (self.redis_retries + 1) * self.redis_timeout_seconds + backoff
 
     def resolved_max_history(self, manifest_max_history: int | None) -> int:
         """The history cap: this setting, else the training window of the model, else 1000."""

@@ -32,17 +32,23 @@ def build_artifact(
     fusion: dict[str, float] | None = None,
     update_latest: bool = True,
     precisions: tuple[str, ...] = ("fp32",),
+    actions: tuple[str, ...] | None = None,
 ) -> Path:
     """Export an untrained IFA (small spec, torchscript) with a synthetic catalogue; ``seed``
     picks the weights and catalogue, ``fusion`` the score's weights (the model's version
     changes with either, its state version with the seed only).
 
     fp32 only unless asked: the service's precision "auto" then serves fp32, which the parity
-    tests compare with the eager network at 1e-5; bf16 has tests of its own."""
+    tests compare with the eager network at 1e-5; bf16 has tests of its own. ``actions``: the
+    model's action vocabulary (default :data:`model.features.ACTIONS`)."""
+    import dataclasses
+
     import torch
 
     torch.manual_seed(seed)
     spec = small_spec()
+    if actions is not None:
+        spec = dataclasses.replace(spec, actions=actions)
     net = build_net("ifa", spec, time_decay=time_decay)
     with torch.no_grad():
         # An untrained net barely reacts to its input (embeddings of std 0.05), which would let

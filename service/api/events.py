@@ -20,7 +20,7 @@ from service.schemas import (
     EventsResponse,
     ValidationErrorResponse,
 )
-from service.stores.base import NewEvent
+from service.stores.base import AppendResult, NewEvent
 
 router = APIRouter(tags=["events"], route_class=FastBodyRoute)
 
@@ -49,7 +49,8 @@ async def post_events(
 ) -> EventsResponse:
     limit = services.settings.max_events_per_post
     check_batch_size("events", len(body.events), limit, "max_events_per_post")
-    index = {name: i for i, name in enumerate(services.runtime.actions)}
+    serving = services.model.current  # one version's vocabulary for the whole batch
+    index = {name: i for i, name in enumerate(serving.runtime.actions)}
     unknown = [
         (("body", "events", position, "action"),
          f"Input should be one of {list(index)}, not {event.action!r}",
@@ -73,11 +74,19 @@ async def post_events(
     if future:
         # A schema-valid body (the schema's bound is 2100) that the server's clock refuses.
         raise Conflict(future)
-    events = [
-        NewEvent(e.event_id, e.user_id, e.item_id, index[e.action], e.timestamp)
-        for e in body.events
-    ]
-    result = await within_budget(services.store.append_events(events), request, services.settings)
+
+    async def append() -> AppendResult:
+        # Stored actions are the store's indices, which a later model reads by name.
+        to_store = (
+            await serving.runtime.agree_layout(services.store, serving.ranker.max_history)
+        ).to_store
+        events = [
+            NewEvent(e.event_id, e.user_id, e.item_id, to_store[e.action], e.timestamp)
+            for e in body.events
+        ]
+        return await services.store.append_events(events)
+
+    result = await within_budget(append(), request, services.settings)
     services.activity.touch(e.user_id for e in body.events)
     ingested = services.metrics.events_ingested
     ingested.labels(outcome="accepted").inc(result.accepted)

@@ -163,7 +163,7 @@ async def post_explain(
     except ExplainUnavailable as error:
         return json_response({"detail": str(error)}, status_code=409)
     services.metrics.explains.labels(outcome="ok").inc()
-    return json_response(render(explanation, body.top, serving.runtime.actions))
+    return json_response(render(explanation, body.top, serving.runtime.stored_actions.stored_names))
 
 
 def client_key(request: Request, token: int | None) -> str:

@@ -19,16 +19,35 @@ from typing import Protocol
 
 import numpy as np
 
+from service.stores.layout import StoreLayout
 from service.stores.records import EventLog
+
+ItemAttributes = dict[str, int]
+"""An item's raw attributes by field name (``category``, ``author``, ...), as posted: raw values,
+featurised under whichever model serves (a value outside its vocabulary is that field's OOV)."""
 
 
 class StoreError(RuntimeError):
     """The store could not be reached or refused an operation."""
 
 
+class ItemsUnavailable(StoreError):
+    """A bulk item lookup that reached only part of the item table (on a cluster, a node that
+    failed, or is left alone for a moment after failing): ``found`` holds what was read,
+    ``unavailable[i]`` whether the i-th id could not be."""
+
+    def __init__(
+        self, message: str, found: list[ItemAttributes | None], unavailable: list[bool]
+    ) -> None:
+        super().__init__(message)
+        self.found = found
+        self.unavailable = unavailable
+
+
 @dataclass(frozen=True)
 class NewEvent:
-    """One behaviour event as ingested; ``action`` indexes the model's action vocabulary."""
+    """One behaviour event as ingested; ``action`` indexes the store's action vocabulary
+    (:class:`~service.stores.layout.StoreLayout`)."""
 
     event_id: str
     user_id: int
@@ -180,11 +199,6 @@ class RolloutRecords(Protocol):
         ...
 
 
-ItemAttributes = dict[str, int]
-"""An item's raw attributes by field name (``category``, ``author``, ...), as posted: raw values,
-featurised under whichever model serves (a value outside its vocabulary is that field's OOV)."""
-
-
 class ItemTable(Protocol):
     async def put_items(self, items: Mapping[int, Mapping[str, int]]) -> None:
         """Upsert items: each id's attributes are replaced by the ones given."""
@@ -196,7 +210,16 @@ class ItemTable(Protocol):
         ...
 
 
-class Store(BehaviourLog, StateCache, RolloutRecords, ItemTable, Protocol):
+class LayoutRecord(Protocol):
+    async def agree_layout(self, actions: Sequence[str], max_history: int) -> StoreLayout:
+        """Apply :func:`service.stores.layout.reconcile` to the store's layout record
+        atomically and return the record after it; raises
+        :class:`~service.stores.layout.LayoutMismatch` (the record unchanged) for a model or a
+        worker that would misread the logs."""
+        ...
+
+
+class Store(BehaviourLog, StateCache, RolloutRecords, ItemTable, LayoutRecord, Protocol):
     async def snapshot(self, version: str, user_id: int, ttl_seconds: int) -> UserSnapshot:
         """The cached state, profile and log bounds of a user. The state's TTL is refreshed once
         less than half of it is left (so that reads do not write)."""

@@ -18,6 +18,7 @@ from service.stores.base import (
     UserCount,
     UserSnapshot,
 )
+from service.stores.layout import StoreLayout
 from service.stores.records import EventLog
 from service.stores.redis_client import torn_connection
 
@@ -116,6 +117,10 @@ class InstrumentedStore:
     async def snapshot(self, version: str, user_id: int, ttl_seconds: int) -> UserSnapshot:
         async with self._measured("snapshot"):
             return await self.inner.snapshot(version, user_id, ttl_seconds)
+
+    async def agree_layout(self, actions: Sequence[str], max_history: int) -> StoreLayout:
+        async with self._measured("agree_layout"):
+            return await self.inner.agree_layout(actions, max_history)
 
     async def ping(self) -> None:
         async with self._measured("ping"):

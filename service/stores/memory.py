@@ -20,6 +20,7 @@ from service.stores.base import (
     UserSnapshot,
 )
 from service.stores.idempotency import event_digest
+from service.stores.layout import StoreLayout, reconcile
 from service.stores.records import RECORD_BYTES, EventLog, pack_record, unpack_log
 
 _SWEEP_EVERY = 4096
@@ -54,6 +55,7 @@ class MemoryStore:
         self._serving: dict[str, tuple[frozenset[str], float]] = {}
         """Worker -> (state versions it serves or warms, until when the record holds)."""
         self._items: dict[int, ItemAttributes] = {}
+        self._layout: StoreLayout | None = None
 
     # -- behaviour log ----------------------------------------------------------------------
 
@@ -237,6 +239,12 @@ class MemoryStore:
         # Copies: a caller must not be able to change the table through what it read.
         found = (self._items.get(item_id) for item_id in item_ids)
         return [dict(attributes) if attributes is not None else None for attributes in found]
+
+    # -- layout record ----------------------------------------------------------------------
+
+    async def agree_layout(self, actions: Sequence[str], max_history: int) -> StoreLayout:
+        self._layout = reconcile(self._layout, actions, max_history)
+        return self._layout
 
     # -- lifecycle --------------------------------------------------------------------------
 

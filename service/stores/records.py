@@ -24,7 +24,7 @@ class EventLog:
     """
 
     item_ids: np.ndarray  # (N,) int64
-    actions: np.ndarray  # (N,) int64, indices into the model's action vocabulary
+    actions: np.ndarray  # (N,) int64, indices into the store's action vocabulary (layout.py)
     timestamps: np.ndarray  # (N,) float64, unix seconds
     end: int
     positions: np.ndarray  # (N,) int64, log position of each event

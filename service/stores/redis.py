@@ -16,9 +16,11 @@ script's KEYS are one user's):
 * ``<prefix>:{u:<id>}:profile`` — hash of profile attributes;
 * ``<prefix>:{u:<id>}:state:<version>`` — hash {c: cursor, s: state blob} with a TTL.
 
-Three keys are not a user's: ``<prefix>:active`` (sorted set, user -> latest activity, the users a
-rollout warms; bounded, written once a second per worker), ``<prefix>:serving`` (hash, worker ->
-the state versions it serves or warms and until when that holds: what a cleanup must keep) and
+Four keys are not a user's: ``<prefix>:layout`` (the store's action vocabulary and
+max_history, JSON: :mod:`service.stores.layout`; a log record's action indexes its vocabulary),
+``<prefix>:active`` (sorted set, user -> latest activity, the users a rollout warms; bounded,
+written once a second per worker), ``<prefix>:serving`` (hash, worker -> the state versions it
+serves or warms and until when that holds: what a cleanup must keep) and
 ``<prefix>:rollout:cleaned:<state versions>`` (the lock that lets one worker delete the states
 of the other versions after a rollout).
 
@@ -58,6 +60,7 @@ from service.stores.base import (
     AppendResult,
     HistoryLimits,
     ItemAttributes,
+    ItemsUnavailable,
     NewEvent,
     SeedHistories,
     StoreError,
@@ -65,6 +68,7 @@ from service.stores.base import (
     UserSnapshot,
 )
 from service.stores.idempotency import ENTRY_BYTES, event_digest, remembered, unpack_entries
+from service.stores.layout import StoreLayout, reconcile
 from service.stores.records import RECORD_BYTES, EventLog, pack_record, unpack_log
 from service.stores.redis_client import CLIENT_ERRORS, Client, connect
 
@@ -273,6 +277,19 @@ return found
 
 _APPEND_KEYS = ("log", "eids", "meta")
 """A user's keys the append script writes, in its KEYS order."""
+# KEYS: layout record. ARGV: the record expected (empty: none), the record to write. A
+# compare-and-set, so that the rule of service.stores.layout.reconcile stays in Python.
+_SWAP_LAYOUT_SCRIPT = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+
+_LAYOUT_ATTEMPTS = 8
+"""Compare-and-sets of the layout record before giving up: each loss means another worker
+changed it in between, which happens only while workers start or roll out together."""
 
 _SCAN_BATCH = 1000
 """Keys one SCAN call examines (its COUNT hint)."""
@@ -283,6 +300,11 @@ its poll interval and warm-up of the same rollout)."""
 
 _SEED_CHUNK_USERS = 512
 """Users per seeding pipeline: large enough to amortise round trips, small enough to stream."""
+
+ITEM_SHARD_BACKOFF_SECONDS = 1.0
+"""How long a cluster's item lookups leave a shard alone after its call failed (they answer
+from the worker's cache meanwhile): a node that is down costs one timeout a second, not one
+per request."""
 
 ITEM_SHARDS = 16
 """Hashes the item table is spread over. Part of the key layout (changing it strands the items
@@ -296,7 +318,7 @@ class RedisStore:
         url: str,
         prefix: str = "ifa",
         max_connections: int = 64,
-        timeout_seconds: float = 0.25,
+        timeout_seconds: float = 0.08,
         retries: int = 1,
         backoff_seconds: float = 0.01,
         limits: HistoryLimits | None = None,
@@ -315,6 +337,8 @@ class RedisStore:
         # retries left closes every connection of its client (redis-py 8.1), those that
         # concurrent requests are using included. An item lookup that fails falls back to the
         # features the worker has; the users' states never share its connections.
+        self._shard_retry_at: defaultdict[int, float] = defaultdict(float)
+        """Item shard -> monotonic time before which lookups do not ask it (cluster only)."""
         self._items_client = (
             connect(url, cluster, max_connections, timeout_seconds, cluster_retries=0)
             if cluster
@@ -327,6 +351,7 @@ class RedisStore:
         self._put_state = self._client.register_script(_PUT_STATE_SCRIPT)
         self._snapshot = self._client.register_script(_SNAPSHOT_SCRIPT)
         self._get_items = self._client.register_script(_ITEMS_SCRIPT)
+        self._swap_layout = self._client.register_script(_SWAP_LAYOUT_SCRIPT)
 
     def _key(self, user_id: int, part: str) -> str:
         return f"{self.prefix}:{{u:{user_id}}}:{part}"
@@ -369,6 +394,8 @@ class RedisStore:
         calls: Sequence[tuple[list[str], list[bytes | str | int]]],
         client: Client | None = None,
         also: Sequence[tuple[str | int, ...]] = (),
+
+        errors_answer: bool = False,
     ) -> list[Any]:
         """``script`` once per (keys, args), all in one pipeline: one round trip on a single node,
         one per node (all at once) on a cluster, whose pipeline groups commands by node. Each
@@ -378,7 +405,8 @@ class RedisStore:
 
         A node that has not seen the script (a new, restarted or promoted master) answers
         NOSCRIPT to its calls; only those calls are sent again, once the script is loaded on
-        every master, so no call runs twice and the counts stay exact.
+        every master, so no call runs twice and the counts stay exact. ``errors_answer``: a
+        call that failed otherwise has its error as its result, rather than raising it.
         """
         client = client if client is not None else self._client
         results: list[Any] = [None] * len(calls)
@@ -401,13 +429,19 @@ class RedisStore:
             for i, answer in zip(pending, answers, strict=True):
                 if isinstance(answer, NoScriptError):
                     missing.append(i)
-                elif isinstance(answer, Exception):
+                elif isinstance(answer, Exception) and not errors_answer:
                     raise answer
                 else:
                     results[i] = answer
             if not missing:
                 return results
-            await client.script_load(script.script)
+            try:
+                await client.script_load(script.script)
+            except CLIENT_ERRORS:
+                if not errors_answer:
+                    raise
+                # Loaded on the masters that answered: their calls go again; a call on one
+                # that did not fails on its own.
             pending = missing
         raise NoScriptError("script still unknown to a node after loading it on every master")
 
@@ -540,15 +574,19 @@ class RedisStore:
         shards = ids % ITEM_SHARDS
         order = np.argsort(shards, kind="stable")
         bounds = np.searchsorted(shards[order], np.arange(ITEM_SHARDS + 1))
-        calls: list[tuple[list[str], list[bytes | str | int]]] = [
-            ([self._item_key(shard)], [" ".join(map(str, ids[order[start:stop]].tolist()))])
+        spans = [
+            (shard, start, stop)
             for shard, (start, stop) in enumerate(pairwise(bounds.tolist()))
             if start < stop
+        ]
+        calls: list[tuple[list[str], list[bytes | str | int]]] = [
+            ([self._item_key(shard)], [" ".join(map(str, ids[order[start:stop]].tolist()))])
+            for shard, start, stop in spans
         ]
         try:
             if isinstance(self._client, RedisCluster):
                 # A script's keys must share a slot: one call per shard, pipelined per node.
-                answers = await self._evalsha_pipelined(self._get_items, calls, self._items_client)
+                return await self._cluster_items(ids, order, spans, calls)
             else:
                 # One node: one call for every shard (each pipelined command costs the client
                 # tens of microseconds, the most of a small lookup).
@@ -565,6 +603,47 @@ class RedisStore:
             if value is not None:
                 found[position] = _decode_item(value)
         return found
+
+    async def _cluster_items(
+        self,
+        ids: np.ndarray,
+        order: np.ndarray,
+        spans: list[tuple[int, int, int]],
+        calls: list[tuple[list[str], list[bytes | str | int]]],
+    ) -> list[ItemAttributes | None]:
+        """The cluster's lookup: one call per shard, each answered or failed on its own, so
+        that one node down fails only the ids of its shards (:class:`ItemsUnavailable`); a
+        shard whose call failed is not asked again for :data:`ITEM_SHARD_BACKOFF_SECONDS`, so
+        requests do not each wait on a node that is down. Raises :class:`StoreError` when no
+        shard answers."""
+        now = time.monotonic()
+        asked = [i for i, (shard, _, _) in enumerate(spans) if self._shard_retry_at[shard] <= now]
+        answers = await self._evalsha_pipelined(
+            self._get_items, [calls[i] for i in asked], self._items_client, errors_answer=True
+        )
+        found: list[ItemAttributes | None] = [None] * len(ids)
+        unavailable = [True] * len(ids)
+        failures: list[BaseException] = []
+        for i, answer in zip(asked, answers, strict=True):
+            shard, start, stop = spans[i]
+            if isinstance(answer, BaseException):
+                self._shard_retry_at[shard] = now + ITEM_SHARD_BACKOFF_SECONDS
+                failures.append(answer)
+                continue
+            for position, value in zip(order[start:stop].tolist(), answer, strict=True):
+                unavailable[position] = False
+                if value is not None:
+                    found[position] = _decode_item(value)
+        if not any(unavailable):
+            return found
+        reason = f"{failures[0]}" if failures else "backing off after a failure"
+        if all(unavailable):
+            raise StoreError(f"redis item read failed: {reason}")
+        raise ItemsUnavailable(
+            f"redis item read failed on {sum(unavailable)} of {len(ids)} ids: {reason}",
+            found,
+            unavailable,
+        )
 
     # -- state cache ------------------------------------------------------------------------
 
@@ -694,6 +773,24 @@ class RedisStore:
                 # The raw command: the cluster pipeline's unlink() is a coroutine, not a queuing.
                 pipe.execute_command("UNLINK", key)
             return sum(int(n) for n in await pipe.execute())
+
+    # -- layout record ----------------------------------------------------------------------
+
+    async def agree_layout(self, actions: Sequence[str], max_history: int) -> StoreLayout:
+        key = f"{self.prefix}:layout"
+        try:
+            for _ in range(_LAYOUT_ATTEMPTS):
+                current: Any = await self._client.get(key)  # bytes or None
+                recorded = StoreLayout.decode(current) if current is not None else None
+                layout = reconcile(recorded, actions, max_history)
+                if layout == recorded:
+                    return layout
+                expected = current if current is not None else b""
+                if await self._swap_layout(keys=[key], args=[expected, layout.encode()]):
+                    return layout
+        except CLIENT_ERRORS as error:
+            raise StoreError(f"redis layout record failed: {error}") from error
+        raise StoreError(f"the layout record {key} kept changing under {_LAYOUT_ATTEMPTS} tries")
 
     # -- lifecycle --------------------------------------------------------------------------
 

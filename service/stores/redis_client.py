@@ -6,6 +6,7 @@ raises when the store cannot answer.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -13,7 +14,9 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import MaxConnectionsError, RedisClusterException, RedisError
+
+from service.settings import RETRY_BACKOFF_CAP
 
 Client = redis.Redis | RedisCluster
 
@@ -58,26 +61,36 @@ def connect(
     slot, and follows MOVED/ASK redirections (resharding) and a failed-over master. It keeps
     serving the slots that have a master while others have none (``require_full_coverage``
     off): one node down fails only the users whose slots it holds. ``max_connections`` is per
-    node on a cluster. ``cluster_retries`` replaces the cluster client's own retry count.
+    node on a cluster. ``cluster_retries`` replaces the retry count on a cluster (0: the
+    first failure is final, without a backoff).
+
+    A full pool makes a call wait for a connection, at most ``timeout_seconds`` (then it fails
+    as the store failing), rather than fail at once: a burst of background state write-backs
+    must not fail the requests behind it.
     """
     options: dict[str, Any] = {
-        "max_connections": max_connections,
         "socket_timeout": timeout_seconds,
         "socket_connect_timeout": timeout_seconds,
         "decode_responses": False,
     }
-    if cluster:
-        # The cluster client retries a command on another attempt after re-learning the slot
-        # map (a failover, a moved slot); its bounded default (3 attempts) is kept, since the
-        # ASK/MOVED handling below depends on its own connection handling.
-        if cluster_retries is not None:
-            options["retry"] = Retry(NoBackoff(), cluster_retries)
-        return _RedisCluster.from_url(url, require_full_coverage=False, **options)
     retry = Retry(
-        ExponentialWithJitterBackoff(cap=max(backoff_seconds * 8, 0.0), base=backoff_seconds),
+        ExponentialWithJitterBackoff(cap=backoff_seconds * RETRY_BACKOFF_CAP, base=backoff_seconds),
         retries,
     )
-    return redis.Redis.from_url(url, retry=retry, **options)
+    if cluster:
+        # The same policy as one node: redis-py's cluster default (3 retries, up to 1 s of
+        # backoff) outlasts any request budget. A retry re-learns the slot map first (a
+        # failover, a moved slot); MOVED/ASK redirections are followed apart from it.
+        if cluster_retries is not None:
+            retry = Retry(NoBackoff(), cluster_retries)
+        return _RedisCluster.from_url(
+            url, require_full_coverage=False, max_connections=max_connections, retry=retry,
+            **options,
+        )  # fmt: skip
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout_seconds, retry=retry, **options
+    )
+    return redis.Redis.from_pool(pool)
 
 
 class _RedisCluster(RedisCluster):
@@ -110,7 +123,9 @@ class _RedisCluster(RedisCluster):
 
 class _LastInFirstOutNode(ClusterNode):
     """A node whose pool hands out the connection released last, so that the command after
-    ASKING (taken with no await in between) reuses the connection that sent it."""
+    ASKING (taken with no await in between) reuses the connection that sent it, and makes a
+    caller wait (a bounded time) for a connection when all are busy: redis-py's node pool
+    raises at once, and has no blocking variant."""
 
     __slots__ = ()
 
@@ -119,3 +134,29 @@ class _LastInFirstOutNode(ClusterNode):
             super().release(connection)
         else:
             self._free.appendleft(connection)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        await self._connection_available()
+        return await super().execute_command(*args, **kwargs)
+
+    async def execute_pipeline(self, commands: Any) -> bool:
+        await self._connection_available()
+        return await super().execute_pipeline(commands)
+
+    async def _connection_available(self) -> None:
+        """Return once ``acquire_connection`` will not raise (it is called with no await
+        after this), or raise ``MaxConnectionsError`` after the socket timeout. It polls: the
+        node's slots leave no room for a waiter queue, and the wait happens only when the
+        pool is exhausted."""
+        if self._free or len(self._connections) < self.max_connections:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(self.connection_kwargs.get("socket_timeout") or 0.0)
+        while not self._free and len(self._connections) >= self.max_connections:
+            if loop.time() >= deadline:
+                raise MaxConnectionsError(f"no free connection to {self.name}")
+            await asyncio.sleep(POOL_POLL_SECONDS)
+
+
+POOL_POLL_SECONDS = 0.001
+"""How often a call waiting for a cluster node's connection looks again."""

@@ -49,7 +49,9 @@ def service(
         "IFA_REDIS_CLUSTER": "true",
         "IFA_REDIS_URL": durable_cluster.url,
         "IFA_REDIS_PREFIX": PREFIX,
+        # An fsync per write on a shared CI machine: long timeouts, and a budget they fit in.
         "IFA_REDIS_TIMEOUT_SECONDS": "0.5",
+        "IFA_REQUEST_BUDGET_SECONDS": "3.0",
     }
     with running_service(artifact_dir, tmp_path / "service.log", env=env) as live:
         yield live

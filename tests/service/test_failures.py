@@ -37,7 +37,8 @@ async def test_an_unreachable_store_degrades_rank_and_refuses_events(artifact_di
         metrics = (await client.get("/metrics")).text
         assert 'ifa_errors_total{kind="store"} 1.0' in metrics
         assert 'ifa_state_cache_total{outcome="degraded"} 1.0' in metrics
-        assert 'ifa_store_errors_total{operation="snapshot"} 1.0' in metrics
+        # Started without reaching the store: each request first agrees on its layout record.
+        assert 'ifa_store_errors_total{operation="agree_layout"} 3.0' in metrics
 
 
 async def test_requests_before_the_lifespan_are_refused_cleanly(artifact_dir: Path) -> None:

@@ -105,7 +105,7 @@ def test_settings_survive_the_trip_through_the_environment(
     monkeypatch.setenv("REDIS_URL", "redis://plain:6379/0")
     resolved = parse_settings(
         ["--port", "8123", "--store", "redis", "--seed-world", "/w", "--no-state-cache",
-         "--access-log", "--redis-timeout-seconds", "0.25", "--log-level", "debug"]
+         "--access-log", "--redis-timeout-seconds", "0.05", "--log-level", "debug"]
     )  # fmt: skip
     environment = settings_environment(resolved)
     assert all(name.startswith("IFA_") for name in environment)
