@@ -156,20 +156,19 @@ def with_exact_match(phi: Tensor, onehot: Tensor, scale: Tensor) -> Tensor:
 
 
 def exact_match_read(
-    onehot_queries: Tensor,
-    state: tuple[Tensor, Tensor],
-    key_scale: Tensor,
-    eps: float = DEFAULT_EPS,
+    onehot_queries: Tensor, state: tuple[Tensor, Tensor], key_scale: Tensor
 ) -> tuple[Tensor, Tensor]:
     """What the channel's tail of the state says about each query's own attribute value.
 
     onehot_queries (B, M, C) one attribute's slots (one 1 per query, or none); state the tail
     (S (B, H, C, dv), z (B, H, C)) of that attribute; key_scale (H,) the β the keys carried.
-    Returns the per-head count of the user's events with the query's value (B, H, M), decayed
-    like the state, and the mean of those events' values (B, H, M, dv), 0 when there are none.
+    Returns the per-head count n of the user's events with the query's value (B, H, M), decayed
+    like the state, and those events' values summed over n + 1 (B, H, M, dv): their mean shrunk
+    towards 0 by one pseudo-event. The plain mean Σv / n would divide two float residues where
+    folding events out has left a value's count at 0 (±1e-7), and return noise of any size.
     """
     s, z = state
-    selected_mass = torch.einsum("bmc,bhc->bhm", onehot_queries, z)  # β_h · count
-    selected_sum = torch.einsum("bmc,bhcv->bhmv", onehot_queries, s)
-    counts = selected_mass / key_scale[None, :, None]
-    return counts, selected_sum / (selected_mass[..., None] + eps)
+    scale = key_scale[None, :, None]
+    selected_mass = torch.einsum("bmc,bhc->bhm", onehot_queries, z)  # β_h · n
+    selected_sum = torch.einsum("bmc,bhcv->bhmv", onehot_queries, s)  # β_h · Σv
+    return selected_mass / scale, selected_sum / (selected_mass + scale)[..., None]

@@ -65,8 +65,9 @@ class IFAConfig(NetConfig):
     a fixed bucketing of its rows; one with fewer (category) matches exactly."""
     channel_features: bool = True
     """Also feed the towers, per channel field and head, log(1 + exact count of the user's
-    events with the candidate's value) and the mean value of those events: SIM-hard+mass's
-    information, read from the state without a top-K cut."""
+    events with the candidate's value) and those events' mean value (shrunk by one pseudo-event,
+    see :func:`model.linear_attention.exact_match_read`): SIM-hard+mass's information, read from
+    the state without a top-K cut."""
     eps: float = DEFAULT_EPS
 
 
@@ -264,8 +265,8 @@ class CandidateScorer(nn.Module):
         return candidates.new_zeros(candidates.shape[0], candidates.shape[1], 0).float()
 
     def channel_reads(self, onehot: Tensor, s: Tensor, z: Tensor) -> list[Tensor]:
-        """Per channel field: log(1 + exact count) (B, M, H) and the mean value of the user's
-        events with the candidate's value (B, M, H·dv), read from the state's tail."""
+        """Per channel field: log(1 + exact count) (B, M, H) and the (shrunk) mean value of the
+        user's events with the candidate's value (B, M, H·dv), read from the state's tail."""
         parts: list[Tensor] = []
         if self.channel is not None:
             key_scale = self.channel.key_scale()
@@ -274,7 +275,7 @@ class CandidateScorer(nn.Module):
                 rows = self.key_dim + offset
                 tail = (s[:, :, rows : rows + size], z[:, :, rows : rows + size])
                 field_onehot = onehot[:, :, offset : offset + size]
-                counts, means = exact_match_read(field_onehot, tail, key_scale, self.eps)
+                counts, means = exact_match_read(field_onehot, tail, key_scale)
                 parts.append(torch.log1p(counts).transpose(1, 2))
                 parts.append(merge_heads(means))
                 offset += size
