@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model.batch import Request, collate
+from model.explain import head_attention, served_decay_weights
 from model.features import RESERVED_ROWS, default_spec
 from model.linear_attention import (
     advance_state,
@@ -15,6 +16,7 @@ from model.linear_attention import (
     feature_map,
     fold_in,
     fold_out,
+    read_state,
     with_exact_match,
 )
 from model.nets import build_net
@@ -206,3 +208,37 @@ def test_an_author_channel_hashes_into_its_slot_count_and_the_demo_state_fits_16
     assert isinstance(demo, IFA)
     heads, dv = demo.config.heads, demo.config.value_dim
     assert 4 * heads * demo.encoder.state_key_dim * (dv + 1) <= 16 * 1024
+
+
+def test_explained_weights_include_the_exact_match_term_and_reproduce_the_read():
+    net = channel_net("ifa_channel_decay")
+    request = one_request(40, 1, seed=6)
+    events = torch.from_numpy(request.events)
+    decay = served_decay_weights(
+        torch.from_numpy(request.event_times),
+        request.request_time,
+        request.request_time,
+        net.encoder.decay_rates().detach(),
+    )
+    user, candidate = torch.from_numpy(request.user), torch.from_numpy(request.candidates[0])
+    attention = head_attention(net, user, candidate, events, decay)
+    channel = net.encoder.channel
+    assert channel is not None
+    dk = net.config.key_dim
+    with torch.no_grad():
+        phi_keys, _ = net.encoder.keys_values(events[None])
+        plain = torch.einsum("hk,hnk->hn", attention.query[:, :dk], phi_keys[0, :, :, :dk])
+        same = torch.from_numpy(
+            request.events[:, CATEGORY_COLUMN] == request.candidates[0, CATEGORY_COLUMN]
+        )
+        exact = (channel.query_scale() * channel.key_scale())[:, None] * same[None].float()
+        expected = (plain + exact) * decay
+    assert bool(same.any())
+    unnormalised = attention.weights * (attention.degree[:, None] + net.config.eps)
+    torch.testing.assert_close(unnormalised, expected, atol=1e-5, rtol=1e-5)
+    # The weights sum to 1 (up to ε / degree) and reproduce the read of the state.
+    torch.testing.assert_close(attention.weights.sum(dim=1), torch.ones(4), atol=1e-5, rtol=0.0)
+    s, z = encode(net, request.events, request.event_times, request.request_time)
+    read = read_state(attention.query[None, :, None, :], (s[None], z[None]), net.config.eps)
+    weighted = (attention.weights[..., None] * attention.values).sum(dim=1)
+    torch.testing.assert_close(weighted, read[0, :, 0], atol=1e-5, rtol=1e-5)
