@@ -16,7 +16,13 @@ from model.nets import build_net
 from model.nets.ifa import IFA
 from model.serving import ServingEncoder, ServingScorer, serving_programs
 from tests.factories import live_channel
-from tests.test_export import FAST_FORMATS, SPEC, assert_matches_eager, make_catalogue
+from tests.test_export import (
+    FAST_FORMATS,
+    SPEC,
+    assert_matches_eager,
+    make_catalogue,
+    make_checkpoint,
+)
 
 SIZES = ((0, 1), (1, 7), (500, 64))
 
@@ -110,3 +116,17 @@ def test_aoti_programs_with_the_channel_match_eager(
     model = load_artifact(root, "aoti")
     for n, m in SIZES:
         assert_matches_eager(model, reference, n, m)
+
+
+def test_the_channel_gives_states_a_version_of_their_own(export_root: Path, tmp_path: Path) -> None:
+    """A rollout between IFA and IFA with the channel must not reuse cached states: their rows
+    differ in number and meaning."""
+    plain_root = tmp_path / "plain"
+    export_artifact(make_checkpoint(), make_catalogue(), plain_root, formats=("torchscript",))
+    versions = [
+        Manifest.load(root / (root / LATEST_FILE).read_text().strip() / "manifest.json")
+        for root in (export_root, plain_root)
+    ]
+    assert versions[0].state_version and versions[1].state_version
+    assert versions[0].state_version != versions[1].state_version
+    assert versions[0].key_dim != versions[1].key_dim
