@@ -762,11 +762,17 @@ def compare_nets(nets: str, threads: int, m: int, program_format: str, out: Path
     torch.set_num_threads(threads)
     env = environment()
     names = [n.strip() for n in nets.split(",") if n.strip()]
+    load = {"start": list(os.getloadavg())}
     report = net_costs(names, default_spec(), m, program_format)
-    text = costs_markdown(report, env, threads)
+    load["end"] = list(os.getloadavg())
+    text = costs_markdown(report, env, threads) + (
+        f"\nLoad average (1, 5, 15 min) at the start {load['start']}, at the end {load['end']}: "
+        "other processes shared the CPUs; the round-robin timing spreads their load over every "
+        "network alike, so the ratios hold better than the absolute times.\n"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    data = {"environment": env, "threads": threads, **report}
+    data = {"environment": env, "threads": threads, "load_average": load, **report}
     out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     print(text)
     print(f"wrote {out} and {out.with_suffix('.json')}")
