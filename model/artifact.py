@@ -155,6 +155,8 @@ class Manifest:
     """score = p(impression) · Σ_a fusion[a] · p(a | impression)."""
     heads: int
     key_dim: int
+    """Rows of S per head: the key dim, plus the exact-match channel's slots where the net has
+    one (the state's shape is (heads, key_dim, value_dim) and (heads, key_dim))."""
     value_dim: int
     decay_rates: list[float]
     """(H,) per-second exponential decay of the state; all zeros when decay is off."""
@@ -177,6 +179,10 @@ class Manifest:
     encoder weights) and the catalogue (:func:`state_version`); fusion and scorer-only weights are
     not in it, so re-exporting with new fusion weights keeps every cached state. None in
     artefacts older than it: :func:`artifact_state_version` derives one from the files."""
+    state_tensor_bytes: int = 0
+    """Bytes of one user's state tensors S and z (float32); 0 in artefacts older than it."""
+    channel: dict[str, Any] | None = None
+    """The exact-match channel: its item fields and one-hot slots per field; None without."""
     max_history: int | None = DEFAULT_MAX_HISTORY
     """The history window the model was trained with (most recent events per request); the
     service keeps the same window per user unless configured otherwise. None: trained on whole

@@ -712,9 +712,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("results/model_bench.md"))
     parser.add_argument("--candidates", type=int, default=1000)
     parser.add_argument("--formats", default="torchscript,export,aoti,eager")
+    parser.add_argument(
+        "--compare-nets",
+        default="",
+        help="only this: the scorer and the fold of these IFA networks (comma list) against "
+        "ifa in one run (model.net_costs), in the first --formats format",
+    )
     args = parser.parse_args(argv)
     thread_counts = [int(t) for t in args.threads.split(",") if t.strip()]
     names = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if args.compare_nets:
+        return compare_nets(
+            args.compare_nets, thread_counts[0], args.candidates, names[0], args.out
+        )
 
     started = time.perf_counter()
     env = environment()
@@ -743,6 +753,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(text)
     print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    return 0
+
+
+def compare_nets(nets: str, threads: int, m: int, program_format: str, out: Path) -> int:
+    from model.net_costs import costs_markdown, net_costs
+
+    torch.set_num_threads(threads)
+    env = environment()
+    names = [n.strip() for n in nets.split(",") if n.strip()]
+    load = {"start": list(os.getloadavg())}
+    report = net_costs(names, default_spec(), m, program_format)
+    load["end"] = list(os.getloadavg())
+    text = costs_markdown(report, env, threads) + (
+        f"\nLoad average (1, 5, 15 min) at the start {load['start']}, at the end {load['end']}: "
+        "other processes shared the CPUs; the round-robin timing spreads their load over every "
+        "network alike, so the ratios hold better than the absolute times.\n"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    data = {"environment": env, "threads": threads, "load_average": load, **report}
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    print(text)
+    print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 
 

@@ -375,19 +375,29 @@ def validate_world(world: World) -> None:
 def spec_for_world(world: World, id_dim: int = 16, attribute_dim: int = 8) -> FeatureSpec:
     """The feature spec sized from ``world.json`` cardinalities.
 
-    Hashed fields get a few buckets per known value (ids 4×, authors 2×), so that collisions are
-    rare but ids the model never saw still have a row.
+    Every item, author and user of the world's tables gets an embedding row of its own (a
+    hashed row shared by two items would blend them); ids outside the tables hash into a
+    quarter as many buckets again, so an id the model never saw still has a stable row.
     """
     card = world.cardinalities
+    items, users = world.items, world.users
     return default_spec(
         n_categories=int(card["n_categories"]),
-        n_authors=max(16, 2 * int(card["n_authors"])),
-        item_buckets=max(64, 4 * int(card["n_items"])),
-        user_buckets=max(64, 4 * int(card["n_users"])),
+        n_authors=_unseen_buckets(int(card["n_authors"])),
+        item_buckets=_unseen_buckets(int(card["n_items"])),
+        user_buckets=_unseen_buckets(int(card["n_users"])),
         profile_cardinalities={k: int(v) for k, v in card["profile_cardinalities"].items()},
         id_dim=id_dim,
         attribute_dim=attribute_dim,
+        item_ids=items["item_id"],
+        user_ids=users["user_id"],
+        author_ids=items["author"],
     )
+
+
+def _unseen_buckets(known: int) -> int:
+    """Hash buckets for ids outside a table of ``known`` ids."""
+    return max(16, known // 4)
 
 
 def _request_rows(world: World, request_rows: np.ndarray | range | None) -> np.ndarray:

@@ -10,6 +10,7 @@
   "+mass" variants against the paper's IFA and IFA+degree on world presets the method was not
   tuned on: AUC, GAUC, log loss and ECE per objective with bootstrap intervals over requests.
 * ``fair_movielens`` — the same models and metrics on MovieLens 100K, with IFA's ablations.
+* ``ifa_variants`` — IFA+degree, +decay, +channel and both on the tuning world: the demo's network.
 
 Each writes ``results/<name>.md`` and ``.json`` (most also a ``.png``). The studies live in
 ``model/experiments/`` (one module each); this module is the command line.
@@ -28,6 +29,7 @@ from model.experiments.fair import fair, fair_movielens
 from model.experiments.history import history_length
 from model.experiments.movielens import movielens
 from model.experiments.tables import table2, table3
+from model.experiments.variants import ifa_variants
 
 # -- command line -------------------------------------------------------------------------
 
@@ -39,6 +41,7 @@ EXPERIMENTS: dict[str, Callable[[Options], Report]] = {
     "movielens": movielens,
     "fair": fair,
     "fair_movielens": fair_movielens,
+    "ifa_variants": ifa_variants,
 }
 
 

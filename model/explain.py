@@ -8,9 +8,11 @@ and z = Σ_j w_j φ(k_j) (w_j the decay weight, 1 without decay). Written per ev
     out_h = Σ_j (a_j / (degree + ε)) · v_j
 
 so the weights a_j / (degree + ε) are exact, sum to degree / (degree + ε) ≈ 1, and reproduce the
-read. Unlike a softmax over a top-K sub-sequence, they cover every event of the window.
+read. Unlike a softmax over a top-K sub-sequence, they cover every event of the window. With the
+exact-match channel φ is the extended φ', so a_j includes γ_h β_h · [a(q) = a(k_j)].
 
-Shapes: H heads, N events, dk key dim, dv value dim; one user and one candidate.
+Shapes: H heads, N events, dk' key rows of the state (dk plus the channel's slots), dv value
+dim; one user and one candidate.
 """
 
 from __future__ import annotations
@@ -67,9 +69,12 @@ def head_attention(
     with torch.inference_mode():
         phi_keys, values = net.encoder.keys_values(events[None])  # (1, H, N, dk), (1, H, N, dv)
         scorer = net.scorer
+        candidates = candidate[None, None]
         phi_query = scorer.query_features(
-            scorer.user_embedding(user[None]), scorer.item_embedding(candidate[None, None])
-        )[0, :, 0]  # (H, dk)
+            scorer.user_embedding(user[None]),
+            scorer.item_embedding(candidates),
+            scorer.candidate_onehot(candidates),
+        )[0, :, 0]  # (H, dk')
         attention = torch.einsum("hk,hnk->hn", phi_query, phi_keys[0]) * decay  # (H, N)
         degree = attention.sum(dim=1)
         return HeadAttention(attention / (degree[:, None] + eps), degree, values[0], phi_query)

@@ -363,8 +363,10 @@ def _build(
         actions=list(spec.actions),
         fusion={k: float(v) for k, v in fusion.items()},
         heads=config.heads,
-        key_dim=config.key_dim,
+        key_dim=net.encoder.state_key_dim,
         value_dim=config.value_dim,
+        state_tensor_bytes=4 * config.heads * net.encoder.state_key_dim * (config.value_dim + 1),
+        channel=channel_description(net),
         decay_rates=[float(r) for r in net.encoder.decay_rates().detach()],
         dtype="float32",
         files=files,
@@ -378,6 +380,14 @@ def _build(
         ),
         max_history=training_window(metadata),
     )
+
+
+def channel_description(net: IFA) -> dict[str, Any] | None:
+    """The manifest's account of the exact-match channel: fields, slots per field."""
+    channel = net.encoder.channel
+    if channel is None:
+        return None
+    return {"fields": list(net.config.channel_fields), "slots": list(channel.sizes)}
 
 
 def training_window(metadata: dict[str, Any]) -> int | None:
@@ -489,6 +499,8 @@ def summarise(directory: Path) -> str:
         f"directory {directory}",
         f"net       {manifest.net}  heads={manifest.heads} dk={manifest.key_dim} "
         f"dv={manifest.value_dim}  fusion={manifest.fusion}",
+        f"state     {manifest.state_tensor_bytes:,} bytes per user"
+        + (f"  channel {manifest.channel}" if manifest.channel else ""),
         f"catalogue {manifest.catalogue_items} items",
         "formats:",
     ]

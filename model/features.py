@@ -6,9 +6,11 @@ Every categorical field maps a raw integer value to an embedding row:
 * row 1 is the out-of-vocabulary bucket (unknown ids, values outside the vocabulary),
 * rows 2.. are known values.
 
-``hashed`` fields (ids) spread any non-negative 64-bit integer over their buckets with a fixed
-integer hash, so an id the model never saw still gets a stable row; ``vocab`` fields (category,
-action, profile attributes) keep values in ``[0, cardinality)`` and send the rest to OOV.
+``hashed`` fields (ids) give each id of the catalogue known when the model is built
+(``known_ids``) a row of its own, and spread any other non-negative 64-bit integer over their
+buckets with a fixed integer hash, so an id the model never saw still gets a stable row; ``vocab``
+fields (category, action, profile attributes) keep values in ``[0, cardinality)`` and send the
+rest to OOV.
 
 Behaviour events carry the item's fields, the action type and *absolute* time features only
 (hour of day, day of week), never request-relative ones: keys and values must be functions of the
@@ -18,7 +20,10 @@ event alone so that a cached state stays valid (DESIGN §2).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from itertools import pairwise
 from typing import Literal
 
 import numpy as np
@@ -48,21 +53,44 @@ class Field:
     name: str
     kind: Literal["hashed", "vocab"]
     cardinality: int
-    """Buckets for ``hashed`` fields, known values for ``vocab`` fields (OOV and padding extra)."""
+    """Buckets for ``hashed`` fields (beyond ``known_ids``), known values for ``vocab`` fields
+    (OOV and padding extra)."""
     dim: int
+    known_ids: tuple[int, ...] = field(default=(), repr=False)
+    """``hashed`` fields: the ids that get rows of their own (rows 2.., in increasing id order),
+    so no two of them share a row; every other id hashes into the ``cardinality`` buckets after
+    them."""
+
+    def __post_init__(self) -> None:
+        # Checkpoints and manifests store the ids as a JSON list; the spec is hashable.
+        known = tuple(int(i) for i in self.known_ids)
+        object.__setattr__(self, "known_ids", known)
+        if known and self.kind != "hashed":
+            raise ValueError(f"field {self.name}: only hashed fields take known_ids")
+        if any(b <= a for a, b in pairwise(known)):
+            raise ValueError(f"field {self.name}: known_ids must be increasing and unique")
 
     @property
     def rows(self) -> int:
-        return self.cardinality + RESERVED_ROWS
+        return self.cardinality + len(self.known_ids) + RESERVED_ROWS
+
+    @cached_property
+    def _known(self) -> np.ndarray:
+        return np.asarray(self.known_ids, dtype=np.int64)
 
     def index(self, raw: np.ndarray) -> np.ndarray:
         """Embedding rows for raw non-negative int64 values (negative values map to OOV)."""
         raw = np.asarray(raw, dtype=np.int64)
         if self.kind == "hashed":
-            buckets = (mix64(raw) % np.uint64(self.cardinality)).astype(np.int64) + RESERVED_ROWS
+            first_bucket = RESERVED_ROWS + len(self.known_ids)
+            buckets = (mix64(raw) % np.uint64(self.cardinality)).astype(np.int64) + first_bucket
+            known = self._known
+            if len(known):
+                position = np.minimum(np.searchsorted(known, raw), len(known) - 1)
+                buckets = np.where(known[position] == raw, position + RESERVED_ROWS, buckets)
             return np.where(raw >= 0, buckets, OOV_INDEX)
-        known = (raw >= 0) & (raw < self.cardinality)
-        return np.where(known, raw + RESERVED_ROWS, OOV_INDEX)
+        known_value = (raw >= 0) & (raw < self.cardinality)
+        return np.where(known_value, raw + RESERVED_ROWS, OOV_INDEX)
 
 
 def mix64(values: np.ndarray) -> np.ndarray:
@@ -176,8 +204,8 @@ class FeatureSpec:
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "item_fields": [asdict(f) for f in self.item_fields],
-            "user_fields": [asdict(f) for f in self.user_fields],
+            "item_fields": [_field_dict(f) for f in self.item_fields],
+            "user_fields": [_field_dict(f) for f in self.user_fields],
             "action_dim": self.action_dim,
             "time_dim": self.time_dim,
             "actions": list(self.actions),
@@ -207,6 +235,17 @@ class FeatureSpec:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
+def _field_dict(f: Field) -> dict[str, object]:
+    """A field as plain data; ``known_ids`` only where there are some, so specs without them
+    read as before."""
+    data = asdict(f)
+    if not f.known_ids:
+        del data["known_ids"]
+    else:
+        data["known_ids"] = list(f.known_ids)
+    return data
+
+
 def _rows(fields: tuple[Field, ...], columns: dict[str, np.ndarray]) -> np.ndarray:
     lengths = {len(np.asarray(v)) for v in columns.values()}
     if len(lengths) > 1:
@@ -219,6 +258,21 @@ def _rows(fields: tuple[Field, ...], columns: dict[str, np.ndarray]) -> np.ndarr
     return out
 
 
+MAX_KNOWN_IDS = 2_000_000
+"""Past this many ids a field hashes all of them: a row per id would outgrow the table."""
+
+
+def known_id_tuple(ids: Sequence[int] | np.ndarray | None) -> tuple[int, ...]:
+    """The sorted unique ids that get rows of their own; none past :data:`MAX_KNOWN_IDS`."""
+    if ids is None:
+        return ()
+    unique = np.unique(np.asarray(ids, dtype=np.int64))
+    unique = unique[unique >= 0]
+    if len(unique) > MAX_KNOWN_IDS:
+        return ()
+    return tuple(int(i) for i in unique)
+
+
 def default_spec(
     n_categories: int = 64,
     n_authors: int = 4096,
@@ -227,17 +281,24 @@ def default_spec(
     profile_cardinalities: dict[str, int] | None = None,
     id_dim: int = 16,
     attribute_dim: int = 8,
+    item_ids: Sequence[int] | np.ndarray | None = None,
+    user_ids: Sequence[int] | np.ndarray | None = None,
+    author_ids: Sequence[int] | np.ndarray | None = None,
 ) -> FeatureSpec:
-    """The spec the synthetic world and the demo model use; sizes come from the data."""
+    """The spec the synthetic world and the demo model use; sizes come from the data.
+
+    ``item_ids``, ``user_ids`` and ``author_ids``: the known catalogue, each id a row of its own
+    (the buckets then hold only ids outside it); None hashes every id into the buckets.
+    """
     profiles = profile_cardinalities or {"age_group": 8, "gender": 3, "region": 32}
     return FeatureSpec(
         item_fields=(
-            Field("item_id", "hashed", item_buckets, id_dim),
+            Field("item_id", "hashed", item_buckets, id_dim, known_id_tuple(item_ids)),
             Field("category", "vocab", n_categories, attribute_dim),
-            Field("author", "hashed", n_authors, attribute_dim),
+            Field("author", "hashed", n_authors, attribute_dim, known_id_tuple(author_ids)),
         ),
         user_fields=(
-            Field("user_id", "hashed", user_buckets, id_dim),
+            Field("user_id", "hashed", user_buckets, id_dim, known_id_tuple(user_ids)),
             *(Field(name, "vocab", card, attribute_dim) for name, card in profiles.items()),
         ),
     )

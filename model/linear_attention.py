@@ -121,3 +121,54 @@ def explicit_attention(
         w = w * weights[:, :, None, :]
     scores = scores * w
     return scores @ values / (scores.sum(dim=-1, keepdim=True) + eps)
+
+
+# -- the exact-match channel ----------------------------------------------------------------
+#
+# φ'(x) = [φ(x) ; c_h · onehot(a(x))] on both sides, with c = β for keys and γ for queries, so
+#
+#     φ'(q)ᵀφ'(k) = φ(q)ᵀφ(k) + γ_h β_h · [a(q) = a(k)].
+#
+# The state stays a sum over events: the last C entries of z' are β_h times the user's (decayed)
+# count of each attribute value, and the last C rows of S' β_h times the sums of their values.
+
+
+def attribute_onehot(rows: Tensor, sizes: list[int], first_row: int) -> Tensor:
+    """One-hot slots of F attributes side by side: rows (..., F) int64 embedding rows ->
+    (..., Σ sizes) float. Attribute i's row r takes slot (r - first_row) mod sizes[i]: exact
+    when the attribute has at most sizes[i] values, a fixed bucketing past that. Rows below
+    ``first_row`` (padding, out-of-vocabulary) match nothing."""
+    parts: list[Tensor] = []
+    for i, size in enumerate(sizes):
+        row = rows[..., i]
+        slot = torch.remainder(row - first_row, size)
+        slots = torch.arange(size, device=rows.device)
+        hot = (slot[..., None] == slots) & (row >= first_row)[..., None]
+        parts.append(hot.to(torch.float32))
+    return torch.cat(parts, dim=-1)
+
+
+def with_exact_match(phi: Tensor, onehot: Tensor, scale: Tensor) -> Tensor:
+    """φ' = [φ ; scale_h · onehot]: phi (B, H, L, dk), onehot (B, L, C), scale (H,) ≥ 0 ->
+    (B, H, L, dk + C). Non-negative when φ, onehot and scale are."""
+    tail = scale[None, :, None, None] * onehot[:, None, :, :].to(phi.dtype)  # (B, H, L, C)
+    return torch.cat([phi, tail], dim=-1)
+
+
+def exact_match_read(
+    onehot_queries: Tensor, state: tuple[Tensor, Tensor], key_scale: Tensor
+) -> tuple[Tensor, Tensor]:
+    """What the channel's tail of the state says about each query's own attribute value.
+
+    onehot_queries (B, M, C) one attribute's slots (one 1 per query, or none); state the tail
+    (S (B, H, C, dv), z (B, H, C)) of that attribute; key_scale (H,) the β the keys carried.
+    Returns the per-head count n of the user's events with the query's value (B, H, M), decayed
+    like the state, and those events' values summed over n + 1 (B, H, M, dv): their mean shrunk
+    towards 0 by one pseudo-event. The plain mean Σv / n would divide two float residues where
+    folding events out has left a value's count at 0 (±1e-7), and return noise of any size.
+    """
+    s, z = state
+    scale = key_scale[None, :, None]
+    selected_mass = torch.einsum("bmc,bhc->bhm", onehot_queries, z)  # β_h · n
+    selected_sum = torch.einsum("bmc,bhcv->bhmv", onehot_queries, s)  # β_h · Σv
+    return selected_mass / scale, selected_sum / (selected_mass + scale)[..., None]

@@ -285,11 +285,22 @@ class CatalogueInfo(BaseModel):
 
 class ModelInfo(BaseModel):
     version: str = Field(description="The model version served.")
+    net: str = Field(
+        description="The network served, by registry name: ifa, ifa_decay, ifa_channel "
+        "(exact-match channel on the category), ifa_channel_decay, ..."
+    )
+    channel: dict[str, list[str] | list[int]] | None = Field(
+        default=None,
+        description="The exact-match channel: its item fields and one-hot slots per field "
+        "(rows of S past the key dimension); null without one.",
+    )
     objectives: list[str] = Field(description="Probability columns: impression, then actions.")
     actions: list[str] = Field(description="The action vocabulary /events accepts.")
     fusion: dict[str, float] = Field(description="Weights of p(action | imp) in the score.")
     heads: int = Field(description="Attention heads of the user state.")
-    key_dim: int = Field(description="Key dimension per head (rows of S).")
+    key_dim: int = Field(
+        description="Rows of S per head: the key dimension plus the channel's slots, if any."
+    )
     value_dim: int = Field(description="Value dimension per head (columns of S).")
     time_decay: bool = Field(description="Whether the state decays with event age.")
     state_bytes: int = Field(description="Size of one cached user state.")

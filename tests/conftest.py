@@ -124,6 +124,17 @@ def decay_artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def channel_artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Export root of a model with the exact-match channel on the category, and time decay."""
+    return build_artifact(
+        tmp_path_factory.mktemp("artefact-channel"),
+        time_decay=True,
+        seed=2,
+        net_name="ifa_channel",
+    )
+
+
+@pytest.fixture(scope="session")
 def live_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """50 users with 40 events each over the test catalogue's items (ids 0..999)."""
     directory = tmp_path_factory.mktemp("live-world")
@@ -164,11 +175,18 @@ def live_service(
 # -- parametrisations shared by the consistency tests ----------------------------------------
 
 
-@pytest.fixture(params=["plain", "decay"])
+MODEL_DIRS = {
+    "plain": "artifact_dir",
+    "decay": "decay_artifact_dir",
+    "channel": "channel_artifact_dir",
+}
+
+
+@pytest.fixture(params=list(MODEL_DIRS))
 def model_dir(request: pytest.FixtureRequest) -> Path:
-    """Each test runs on a model without and with time decay."""
-    name = "artifact_dir" if request.param == "plain" else "decay_artifact_dir"
-    path = request.getfixturevalue(name)
+    """Each test runs on a model without and with time decay, and with the exact-match
+    channel (and decay)."""
+    path = request.getfixturevalue(MODEL_DIRS[request.param])
     assert isinstance(path, Path)
     return path
 

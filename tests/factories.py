@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from model.batch import Request
 from model.features import FeatureSpec, default_spec
+from model.nets.ifa import IFA
 
 T0 = 1.7e9
 
@@ -39,3 +41,18 @@ def random_request(
     labels = (rng.random((n_candidates, 4)) < 0.3).astype(np.float32)
     labels[:, 1:] *= labels[:, :1]  # an action implies an impression
     return Request(user, items(n_candidates), events, times, T0 + 3.1e6, labels)
+
+
+def live_channel(net: IFA, seed: int = 1) -> IFA:
+    """``net`` with γ > 0 and β ≠ 1 on every head and its channel features in use, so that
+    tests exercise every term the channel adds (a fresh net starts with γ = 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    channel = net.encoder.channel
+    assert channel is not None
+    heads = channel.query_scale_raw.shape[0]
+    with torch.no_grad():
+        channel.query_scale_raw.copy_(0.5 + torch.rand(heads, generator=generator))
+        channel.log_key_scale.copy_(torch.randn(heads, generator=generator) * 0.3)
+        weight = net.scorer.fsm_out.weight
+        weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
+    return net

@@ -16,9 +16,10 @@ from model.catalogue import Catalogue
 from model.checkpoint import Checkpoint
 from model.export import export_artifact
 from model.nets import build_net
+from model.nets.ifa import IFA
 from service.app import create_app
 from service.settings import Settings
-from tests.factories import small_spec
+from tests.factories import live_channel, small_spec
 
 CATALOGUE_ITEMS = 1000
 """Items 0..999 are in the test catalogue; larger ids are unknown."""
@@ -33,10 +34,12 @@ def build_artifact(
     update_latest: bool = True,
     precisions: tuple[str, ...] = ("fp32",),
     actions: tuple[str, ...] | None = None,
+    net_name: str = "ifa",
 ) -> Path:
     """Export an untrained IFA (small spec, torchscript) with a synthetic catalogue; ``seed``
     picks the weights and catalogue, ``fusion`` the score's weights (the model's version
-    changes with either, its state version with the seed only).
+    changes with either, its state version with the seed only). ``net_name`` an IFA network of
+    the registry; one with the exact-match channel gets γ > 0 so the channel's terms show.
 
     fp32 only unless asked: the service's precision "auto" then serves fp32, which the parity
     tests compare with the eager network at 1e-5; bf16 has tests of its own. ``actions``: the
@@ -49,7 +52,9 @@ def build_artifact(
     spec = small_spec()
     if actions is not None:
         spec = dataclasses.replace(spec, actions=actions)
-    net = build_net("ifa", spec, time_decay=time_decay)
+    net = build_net(net_name, spec, time_decay=time_decay)
+    if isinstance(net, IFA) and net.encoder.channel is not None:
+        live_channel(net)
     with torch.no_grad():
         # An untrained net barely reacts to its input (embeddings of std 0.05), which would let
         # a wrong fold pass a 1e-5 comparison: make histories matter, and decay fast (a
@@ -69,7 +74,7 @@ def build_artifact(
         spec,
     )
     export_artifact(
-        Checkpoint("ifa", spec, net),
+        Checkpoint(net_name, spec, net),
         catalogue,
         out,
         fusion=fusion,

@@ -33,3 +33,18 @@ def test_twin_serving_ranker_is_the_twin_network() -> None:
         )
     assert served.shape == expected.shape == (23, 4)
     torch.testing.assert_close(served, expected, atol=1e-5, rtol=0)
+
+
+def test_net_costs_time_each_variant_against_ifa_in_one_run() -> None:
+    from model.features import default_spec
+    from model.net_costs import net_costs
+
+    report = net_costs(["ifa_channel"], default_spec(n_categories=8), m=4, program_format="eager")
+    nets = report["nets"]
+    assert list(nets) == ["ifa", "ifa_channel"]
+    assert nets["ifa"]["scorer_ratio"] == 1.0
+    assert nets["ifa_channel"]["state"]["key_rows"] == 16 + 8
+    assert nets["ifa_channel"]["state"]["channel"] == {"fields": ["category"], "slots": [8]}
+    for call in ("scorer", "fold"):
+        assert nets["ifa_channel"][call]["median_ms"] > 0
+        assert nets["ifa_channel"][f"{call}_ratio"] > 0

@@ -72,7 +72,8 @@ def test_spec_is_sized_from_the_world(world: World, spec: FeatureSpec) -> None:
     card = world.cardinalities
     fields = {f.name: f for f in (*spec.item_fields, *spec.user_fields)}
     assert fields["category"].cardinality == card["n_categories"]
-    assert fields["item_id"].cardinality >= 2 * card["n_items"]
+    assert len(fields["item_id"].known_ids) == card["n_items"]
+    assert fields["item_id"].cardinality >= 16  # buckets for ids outside the catalogue
     assert {name: fields[name].cardinality for name in card["profile_cardinalities"]} == card[
         "profile_cardinalities"
     ]
@@ -80,6 +81,22 @@ def test_spec_is_sized_from_the_world(world: World, spec: FeatureSpec) -> None:
     assert world.features(spec) is features  # cached per spec
     assert not np.any(features.item_rows == OOV_INDEX)  # every known value has its own row
     assert not np.any(features.user_rows == OOV_INDEX)
+
+
+def test_every_catalogue_id_has_a_row_of_its_own(world: World, spec: FeatureSpec) -> None:
+    features = world.features(spec)
+    for column, ids in ((0, world.items["item_id"]), (2, world.items["author"])):
+        rows = features.item_rows[:, column]
+        # One row per distinct id, and no row shared by two ids.
+        pairs = np.unique(np.stack([ids, rows]), axis=1)
+        assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
+    user_rows = features.user_rows[:, 0]
+    assert len(np.unique(user_rows)) == len(world.users["user_id"])
+    # An id outside the catalogue still gets a stable row, past the catalogue's rows.
+    item_field = spec.item_fields[0]
+    unseen = item_field.index(np.array([10**12, 10**12]))
+    assert unseen[0] == unseen[1] >= 2 + len(item_field.known_ids)
+    assert unseen[0] < item_field.rows
 
 
 def test_requests_slice_the_events_table(world: World, spec: FeatureSpec) -> None:

@@ -47,3 +47,13 @@ def test_a_run_older_than_its_world_is_retrained(tmp_path: Path):
     assert cached_run(out, settings, world) is not None
     os.utime(world / "world.json", (3_000, 3_000))  # the world was generated again since
     assert cached_run(out, settings, world) is None
+
+
+def test_the_demo_serves_the_variant_that_won_on_the_tuning_world() -> None:
+    """model.demo's network is the one results/ifa_variants.json names: the demo's choice and
+    its evidence cannot drift apart."""
+    from model.demo import DEMO_NET, DEMO_TRAINING
+
+    recorded = json.loads((Path(__file__).parents[1] / "results/ifa_variants.json").read_text())
+    assert recorded["world"].endswith("medium-0")
+    assert recorded["winner"] == DEMO_NET == DEMO_TRAINING.net

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from model.features import OOV_INDEX, RESERVED_ROWS, FeatureSpec, Field, mix64
+from model.features import (
+    OOV_INDEX,
+    RESERVED_ROWS,
+    FeatureSpec,
+    Field,
+    default_spec,
+    mix64,
+)
 from tests.factories import small_spec
 
 
@@ -55,3 +64,20 @@ def test_unknown_action_names_the_vocabulary():
 def test_spec_round_trips_through_json_dict():
     spec = small_spec()
     assert FeatureSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_known_ids_get_their_own_rows_and_others_hash_past_them():
+    field = Field("item_id", "hashed", 10, 8, known_ids=(5, 7, 1 << 40))
+    rows = field.index(np.array([5, 7, 1 << 40, 6, -3]))
+    assert rows[:3].tolist() == [RESERVED_ROWS, RESERVED_ROWS + 1, RESERVED_ROWS + 2]
+    assert RESERVED_ROWS + 3 <= rows[3] < field.rows == RESERVED_ROWS + 3 + 10
+    assert rows[4] == OOV_INDEX
+    with pytest.raises(ValueError, match="increasing"):
+        Field("item_id", "hashed", 10, 8, known_ids=(7, 5))
+
+
+def test_spec_with_known_ids_round_trips_through_json():
+    spec = default_spec(n_categories=4, item_ids=[3, 1, 2], user_ids=np.arange(5))
+    again = FeatureSpec.from_dict(json.loads(spec.to_json()))
+    assert again == spec
+    assert again.item_fields[0].known_ids == (1, 2, 3)

@@ -10,14 +10,23 @@ from model.batch import Request, collate
 from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from model.loss import esmm_loss, joint_probabilities
 from model.nets import build_net
+from model.nets.ifa import IFA
 from model.serving import serving_programs
-from tests.factories import random_request, small_spec
+from tests.factories import live_channel, random_request, small_spec
 
 
-@pytest.fixture(params=[False, True], ids=["no-decay", "decay"])
+@pytest.fixture(
+    params=[("ifa", False), ("ifa", True), ("ifa_channel", False), ("ifa_channel", True)],
+    ids=["no-decay", "decay", "channel", "channel-decay"],
+)
 def net(request):
+    name, time_decay = request.param
     torch.manual_seed(0)
-    return build_net("ifa", small_spec(), time_decay=request.param).eval()
+    net = build_net(name, small_spec(), time_decay=time_decay)
+    if name == "ifa_channel":
+        assert isinstance(net, IFA)
+        live_channel(net)  # γ > 0, so the channel's terms are exercised
+    return net.eval()
 
 
 def make_batch(spec, shapes, seed=0):

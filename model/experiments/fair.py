@@ -1,5 +1,6 @@
 """The fair comparison: published baselines with the information their production forms have,
-against the paper's IFA and IFA+degree, on worlds the method was not tuned on.
+against the paper's IFA, IFA+degree and IFA's variants (time decay, the exact-match channel), on
+worlds the method was not tuned on.
 
 * ``fair`` — every network of :data:`FAIR_NETS` on each world preset of :data:`FAIR_PRESETS`
   (generated with :data:`WORLD_SEED`; IFA's kernel, degree and RAM defaults were chosen on the
@@ -11,10 +12,12 @@ and ECE, as mean ± std over seeds and a 95% bootstrap interval over requests (t
 resample requests; one set of replicates per world, shared by every network, so differences
 are paired). The best fair baseline of a world is the baseline with the highest mean click
 GAUC (ranking within a request by p_imp · p_click is what the service serves); picking it on
-the evaluated data favours the baseline, never IFA. IFA (paper) and IFA+degree are each tested
-against it: a paired bootstrap difference whose 95% interval excludes zero is a win or a loss,
-otherwise a tie. The bootstrap covers the request sample, not model initialisation; the seed
-std beside it does that where there is more than one seed.
+the evaluated data favours the baseline, never IFA. Every IFA row is tested against it: a paired
+bootstrap difference whose 95% interval excludes zero is a win or a loss, otherwise a tie. The
+best IFA variant of a world is picked the same way among the IFA rows (on the evaluated data, as
+the baseline is), so the headline verdict is best against best. The bootstrap covers the request
+sample, not model initialisation; the seed std beside it does that where there is more than one
+seed.
 """
 
 from __future__ import annotations
@@ -53,9 +56,20 @@ from model.metrics import request_index, roc_auc
 FAIR_NETS: tuple[str, ...] = (
     "avgpool", "din", "din_softmax", "sim_hard", "sim_hard_mass", "sim_soft",
     "twin", "twin_k100", "twin_k200", "twin_mass", "twin_k100_mass", "twin_k200_mass",
-    "ifa_no_degree", "ifa",
+    "ifa_no_degree", "ifa", "ifa_decay", "ifa_channel", "ifa_channel_decay",
 )  # fmt: skip
-IFA_NETS: tuple[str, ...] = ("ifa_no_degree", "ifa", "ifa_no_ram")
+IFA_VARIANTS: tuple[str, ...] = ("ifa_decay", "ifa_channel", "ifa_channel_decay")
+"""IFA+degree with its learned time decay, with the category's exact-match channel, and both."""
+IFA_NETS: tuple[str, ...] = ("ifa_no_degree", "ifa", "ifa_no_ram", *IFA_VARIANTS)
+IFA_ROWS: tuple[str, ...] = ("ifa_no_degree", "ifa", *IFA_VARIANTS)
+"""The IFA rows tested against the best fair baseline of every world."""
+CONTRIBUTIONS: tuple[tuple[str, str, str], ...] = (
+    ("ifa_channel", "ifa", "channel"),
+    ("ifa_decay", "ifa", "decay"),
+    ("ifa_channel_decay", "ifa_channel", "decay with the channel"),
+    ("ifa_channel_decay", "ifa", "channel and decay"),
+)
+"""(variant, reference, what the difference measures): each addition against IFA+degree."""
 MOVIELENS_NETS: tuple[str, ...] = (*FAIR_NETS, "ifa_no_ram")
 FAIR_PRESETS: tuple[str, ...] = (
     "study_mixed",
@@ -94,6 +108,9 @@ LABELS = {
     "ifa_no_degree": "IFA (paper)",
     "ifa": "IFA+degree",
     "ifa_no_ram": "IFA+degree without RAM",
+    "ifa_decay": "IFA+degree+decay",
+    "ifa_channel": "IFA+degree+channel",
+    "ifa_channel_decay": "IFA+degree+channel+decay",
 }
 WORLD_NOTES = {
     "study_mixed": "today's truth: relevance = log1p(E) − 0.5·log1p(W) (ν = 0.5)",
@@ -215,6 +232,46 @@ def best_baseline(scored: Scored) -> str:
     return max(baselines, key=lambda n: float(np.mean(scored.point[n][metric][objective])))
 
 
+def best_ifa(scored: Scored) -> str | None:
+    """The IFA row with the highest mean click GAUC (chosen like the best baseline)."""
+    objective, metric = SELECTION
+    rows = [n for n in IFA_ROWS if n in scored.seeds]
+    if not rows:
+        return None
+    return max(rows, key=lambda n: float(np.mean(scored.point[n][metric][objective])))
+
+
+def contributions(scored: Scored) -> dict[str, Any]:
+    """Paired differences of each IFA addition against the row without it."""
+    return {
+        what: {
+            "variant": variant,
+            "reference": reference,
+            "tests": {
+                m: {o: paired(scored, variant, reference, m, o) for o in OBJECTIVES}
+                for m in METRICS
+            },
+        }
+        for variant, reference, what in CONTRIBUTIONS
+        if variant in scored.seeds and reference in scored.seeds
+    }
+
+
+def contribution_table(found: dict[str, Any]) -> str:
+    lines = [
+        "| addition | compared | click ΔGAUC | verdict | impression ΔGAUC | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for what, c in found.items():
+        gauc = c["tests"]["gauc"]
+        lines.append(
+            f"| {what} | {LABELS[c['variant']]} − {LABELS[c['reference']]} | "
+            f"{_gap(gauc['click'])} | **{gauc['click']['verdict']}** | "
+            f"{_gap(gauc['impression'])} | **{gauc['impression']['verdict']}** |"
+        )
+    return "\n".join(lines)
+
+
 # -- formatting -----------------------------------------------------------------------------
 
 
@@ -314,7 +371,23 @@ def _world_section(name: str, world: Path, scored: Scored, best: str, tests: dic
         f"baselines run): {LABELS[best]}. Against it: "
         f"{verdicts}. {_k_sweep(scored)}"
     )
-    return "\n\n".join([head, *tables, summary, comparison_table(tests, best)])
+    best_variant = best_ifa(scored)
+    if best_variant is not None and best_variant in tests:
+        t = tests[best_variant]["gauc"]
+        summary += (
+            f"\n\n**Best IFA variant** (highest mean click GAUC among the IFA rows): "
+            f"{LABELS[best_variant]}: click **{t['click']['verdict']}** "
+            f"({_gap(t['click'])}), impression **{t['impression']['verdict']}** "
+            f"({_gap(t['impression'])})."
+        )
+    parts = [head, *tables, summary, comparison_table(tests, best)]
+    found = contributions(scored)
+    if found:
+        parts.append(
+            "**What each addition to IFA+degree brings** (paired, the same replicates):\n\n"
+            + contribution_table(found)
+        )
+    return "\n\n".join(parts)
 
 
 def _setup(protocol: Protocol, options: Options, n_replicates: int, what: str) -> str:
@@ -377,7 +450,9 @@ def _world_data(scored: Scored, best: str, tests: dict[str, Any]) -> dict[str, A
         "metrics": {n: stats(scored.point[n], scored.replicates[n]) for n in scored.seeds},
         "oracle": scored.oracle,
         "best_fair_baseline": best,
+        "best_ifa_variant": best_ifa(scored),
         "against_best": tests,
+        "contributions": contributions(scored),
     }
 
 
@@ -396,28 +471,18 @@ def fair(options: Options) -> Report:
             rows.append(f"| {preset} | — | not run | not run | none |")
             continue
         best = best_baseline(scored)
-        tests = comparisons(scored, ("ifa_no_degree", "ifa"), best)
+        tests = comparisons(scored, IFA_ROWS, best)
         sections.append(_world_section(preset, world, scored, best, tests))
         data["worlds"][preset] = _world_data(scored, best, tests)
-        rows.append(
-            f"| {preset} | {LABELS[best]} | "
-            + " | ".join(
-                f"{tests[n]['gauc']['click']['verdict']} ({tests[n]['gauc']['click']['gap']:+.4f})"
-                if n in tests
-                else "not run"
-                for n in ("ifa_no_degree", "ifa")
-            )
-            + f" | {_seed_note(scored)} |"
-        )
+        rows.append(_summary_row(preset, scored, best, tests))
         grid_seconds = training_seconds(scored.runs)
         seconds["runs"] += grid_seconds["runs"]
         seconds["seconds"] += grid_seconds["seconds"]
     data["training_seconds"] = seconds
     summary = (
         "**Where IFA wins, ties and loses** (click GAUC against the best fair baseline of each "
-        "world; paired bootstrap, 95%):\n\n"
-        "| world | best fair baseline | IFA (paper) | IFA+degree | seeds run |\n"
-        "|---|---|---|---|---|\n" + "\n".join(rows)
+        "world; paired bootstrap, 95%), and the best IFA variant's verdicts on click and "
+        "impression GAUC:\n\n" + SUMMARY_HEAD + "\n".join(rows)
     )
     what = (
         f"Worlds: presets {', '.join(presets)} generated with seed {WORLD_SEED}. Design choices "
@@ -428,7 +493,8 @@ def fair(options: Options) -> Report:
     )
     return Report(
         f"fair{options.suffix}",
-        "Fair comparison: published baselines, +mass variants, IFA (paper) and IFA+degree",
+        "Fair comparison: published baselines, +mass variants, IFA (paper), IFA+degree and "
+        "IFA's variants",
         [_setup(options.protocol(FAIR), options, N_REPLICATES, what), summary, *sections],
         data,
     )
@@ -441,7 +507,7 @@ def fair_movielens(options: Options) -> Report:
     if scored is None:
         raise RuntimeError(f"no runs on {world}: train them (leave out --cached-only)")
     best = best_baseline(scored)
-    tests = comparisons(scored, ("ifa_no_degree", "ifa", "ifa_no_ram"), best)
+    tests = comparisons(scored, (*IFA_ROWS, "ifa_no_ram"), best)
     ablations = comparisons(scored, ("ifa",), "ifa_no_degree")
     ablations_ram = comparisons(scored, ("ifa",), "ifa_no_ram")
     what = (
@@ -451,6 +517,8 @@ def fair_movielens(options: Options) -> Report:
     )
     sections = [
         _setup(protocol, options, N_REPLICATES, what),
+        "**Against the best fair baseline** (click GAUC; the best IFA variant also on "
+        "impression):\n\n" + SUMMARY_HEAD + _summary_row("movielens", scored, best, tests),
         _world_section("movielens", world, scored, best, tests),
         "**Ablations** (IFA+degree against the paper's IFA: the degree's contribution; and "
         "against IFA+degree without RAM: RAM's):\n\n"
@@ -470,6 +538,27 @@ def fair_movielens(options: Options) -> Report:
         "Fair comparison on MovieLens 100K, with IFA's ablations",
         sections,
         data,
+    )
+
+
+SUMMARY_HEAD = (
+    "| world | best fair baseline | IFA (paper) | IFA+degree | best IFA variant | its click | "
+    "its impression | seeds run |\n|---|---|---|---|---|---|---|---|\n"
+)
+
+
+def _summary_row(name: str, scored: Scored, best: str, tests: dict[str, Any]) -> str:
+    def verdict(net: str | None, objective: str) -> str:
+        if net is None or net not in tests:
+            return "not run"
+        t = tests[net]["gauc"][objective]
+        return f"{t['verdict']} ({t['gap']:+.4f})"
+
+    variant = best_ifa(scored)
+    return (
+        f"| {name} | {LABELS[best]} | {verdict('ifa_no_degree', 'click')} | "
+        f"{verdict('ifa', 'click')} | {LABELS[variant] if variant else '—'} | "
+        f"{verdict(variant, 'click')} | {verdict(variant, 'impression')} | {_seed_note(scored)} |"
     )
 
 

@@ -11,7 +11,15 @@ from model.features import FeatureSpec
 from model.layers import NetConfig
 from model.nets.avgpool import AvgPool, AvgPoolConfig
 from model.nets.din import DIN, DINConfig, DINSoftmax, DINSoftmaxConfig
-from model.nets.ifa import IFA, IFAConfig, IFANoDegreeConfig, IFANoRAMConfig
+from model.nets.ifa import (
+    IFA,
+    IFAChannelConfig,
+    IFAChannelDecayConfig,
+    IFAConfig,
+    IFADecayConfig,
+    IFANoDegreeConfig,
+    IFANoRAMConfig,
+)
 from model.nets.sim_hard import SIMHard, SIMHardConfig, SIMHardMassConfig
 from model.nets.sim_soft import SIMSoft, SIMSoftConfig
 from model.nets.twin import (
@@ -47,6 +55,11 @@ NETS: dict[str, tuple[type[nn.Module], type[NetConfig]]] = {
     # Not in the paper: IFA without the degree feature, i.e. the normalised read of Eq. 6 alone.
     "ifa_no_degree": (IFA, IFANoDegreeConfig),
     "ifa_no_ram": (IFA, IFANoRAMConfig),
+    # IFA with an exact-match channel on the category in its kernel (DESIGN §2), with its
+    # learned per-head time decay, and both.
+    "ifa_channel": (IFA, IFAChannelConfig),
+    "ifa_decay": (IFA, IFADecayConfig),
+    "ifa_channel_decay": (IFA, IFAChannelDecayConfig),
 }
 
 

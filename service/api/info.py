@@ -16,6 +16,8 @@ async def model_info(services: ServicesDep) -> ModelInfo:
     runtime, settings = services.runtime, services.settings
     return ModelInfo(
         version=runtime.version,
+        net=runtime.model.manifest.net,
+        channel=runtime.model.manifest.channel,
         objectives=list(runtime.objectives),
         actions=list(runtime.actions),
         fusion=runtime.fusion,

@@ -257,9 +257,13 @@ async def test_put_items_is_admitted_like_events(artifact_dir: Path) -> None:
 # -- states: an event is folded with the features its item has when it is folded ----------------
 
 
+@pytest.mark.parametrize("artifact", ["artifact_dir", "channel_artifact_dir"])
 async def test_an_item_update_applies_to_events_folded_after_it(
-    artifact_dir: Path, two_stores: dict[str, Any]
+    artifact: str, two_stores: dict[str, Any], request: pytest.FixtureRequest
 ) -> None:
+    """With the exact-match channel the category is also the event's one-hot slot in the
+    state: the late event counts under the new category, the early one stays uncounted."""
+    artifact_dir = request.getfixturevalue(artifact)
     user, candidates = 8, [NEW_ITEM, *OTHERS]
     early = [event("a", user, NEW_ITEM, 1), event("b", user, 20, 2)]
     late = [event("c", user, NEW_ITEM, 3)]
