@@ -319,6 +319,10 @@ def _document_runtime_limits(app: FastAPI, settings: Settings) -> None:
             components["RankRequest"]["properties"]["candidate_ids"]["maxItems"] = (
                 settings.max_candidates
             )
+        if "ExplainRequest" in components:
+            for branch in components["ExplainRequest"]["properties"]["candidate_ids"]["anyOf"]:
+                if branch.get("type") == "array":
+                    branch["maxItems"] = settings.max_candidates
         if "EventsRequest" in components:
             components["EventsRequest"]["properties"]["events"]["maxItems"] = (
                 settings.max_events_per_post

@@ -173,3 +173,13 @@ async def rank_all(
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
+
+
+def remembered_digests(client: Any, prefix: str, user_id: int) -> set[bytes]:
+    """The event-id digests a Redis store remembers for a user (its idempotency window), read
+    with a synchronous redis-py client: what a fault test checks acknowledged events against."""
+    from service.stores.idempotency import unpack_entries
+
+    value = client.get(f"{prefix}:{{u:{user_id}}}:eids")
+    return {digest for digest, stamp in unpack_entries(bytes(value or b"")) if stamp > 0}
+

@@ -33,7 +33,8 @@ from loadtest.harness import redis_process, running_service
 from loadtest.runner import LoadOptions, run_locust
 from loadtest.traffic import TrafficConfig
 from service.stores.base import HistoryLimits
-from service.stores.idempotency import event_digest, unpack_entries
+from service.stores.idempotency import event_digest
+from tests.support import remembered_digests
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.redis]
 
@@ -59,11 +60,6 @@ class Request:
     @property
     def seconds(self) -> float:
         return self.end - self.start
-
-
-def stored_bytes(client: redis.Redis, key: str) -> bytes:
-    value: Any = client.get(key)  # bytes: the client does not decode responses
-    return bytes(value or b"")
 
 
 def read_records(directory: Path) -> list[Request]:
@@ -165,16 +161,7 @@ def test_redis_killed_restarted_and_paused_under_load(
             for r in requests:
                 for user_id, event_id in r.acked:
                     acked[user_id].add(event_id)
-            remembered = {
-                user_id: {
-                    digest
-                    for digest, stamp in unpack_entries(
-                        stored_bytes(client, f"{prefix}:{{u:{user_id}}}:eids")
-                    )
-                    if stamp > 0
-                }
-                for user_id in acked
-            }
+            remembered = {user_id: remembered_digests(client, prefix, user_id) for user_id in acked}
             lost = [
                 (user_id, event_id)
                 for user_id, ids in acked.items()

@@ -40,7 +40,9 @@ router = APIRouter(tags=["events"], route_class=FastBodyRoute)
         409: {
             "model": ValidationErrorResponse,
             "description": "An event's timestamp is later than the server's clock allows "
-            "(server time + max_clock_skew_seconds, GET /model); each issue names the event.",
+            "(server time + max_clock_skew_seconds, GET /model), each issue naming the event; or "
+            "a user has more events in the post than dedup_window (GET /model), so that a retry "
+            "of the post could not be recognised.",
         },
     },
 )
@@ -95,7 +97,7 @@ async def post_events(
 
 
 def check_retry_recognisable(events: Sequence[EventIn], dedup_window: int) -> None:
-    """A 422 when one user has more events in the post than the idempotency window holds.
+    """A 409 when one user has more events in the post than the idempotency window holds.
 
     The store recognises a re-post by the digests of a user's last ``dedup_window`` events, so a
     retry of a post with more events of one user would append its oldest ones a second time.
@@ -103,7 +105,7 @@ def check_retry_recognisable(events: Sequence[EventIn], dedup_window: int) -> No
     per_user = Counter(event.user_id for event in events)
     over = sorted((user, n) for user, n in per_user.items() if n > dedup_window)
     if over:
-        raise validation_errors(
+        raise Conflict(
             [
                 (("body", "events"),
                  f"user {user} has {n} events in this post; at most dedup_window={dedup_window} "

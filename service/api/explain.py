@@ -6,11 +6,11 @@ import math
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Request
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator
 from starlette.responses import Response
 
 from service.api.deps import ServicesDep, TokenDep
-from service.errors import json_response, validation_error
+from service.errors import Conflict, json_response, validation_error
 from service.explain import ExplainUnavailable, explain, render
 from service.schemas import (
     STORE_RESPONSES,
@@ -19,6 +19,7 @@ from service.schemas import (
     Id,
     IntegralNumber,
     Timestamp,
+    ValidationErrorResponse,
     unique_candidates,
 )
 
@@ -55,12 +56,6 @@ class ExplainRequest(BaseModel):
     @classmethod
     def _unique(cls, ids: list[int] | None) -> list[int] | None:
         return unique_candidates(ids) if ids is not None else None
-
-    @model_validator(mode="after")
-    def _holds_the_item(self) -> ExplainRequest:
-        if self.candidate_ids is not None and self.item_id not in self.candidate_ids:
-            raise ValueError("candidate_ids must hold item_id (the item whose score is explained)")
-        return self
 
 
 class ExplainedEvent(BaseModel):
@@ -127,6 +122,10 @@ class ExplainResponse(BaseModel):
     responses={
         **VALIDATION_RESPONSES,
         **STORE_RESPONSES,
+        409: {
+            "model": ValidationErrorResponse,
+            "description": "candidate_ids is given without item_id among them.",
+        },
         429: {"model": ErrorResponse, "description": "Rate limit: retry after Retry-After."},
     },
 )
@@ -150,6 +149,13 @@ async def post_explain(
             f"not {len(body.candidate_ids)}",
             "too_long",
         )
+    if body.candidate_ids is not None and body.item_id not in body.candidate_ids:
+        # Schema-valid (a schema cannot tie one field's value to another's items): a 409.
+        raise Conflict(
+            [(("body", "candidate_ids"),
+              f"candidate_ids must hold item_id {body.item_id} (the item whose score is explained)",
+              "value_error")]
+        )  # fmt: skip
     serving = services.model.current  # one version for the whole explanation
     try:
         explanation = await explain(

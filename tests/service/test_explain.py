@@ -207,7 +207,8 @@ async def test_candidate_ids_must_hold_the_item_once_each_within_the_cap(
         too_many = await explain_with([1, 2, 3, 4, 5, 6])
         empty = await explain_with([])
         fine = await explain_with([1, 2, 3])
-    assert missing.status_code == 422 and "hold item_id" in missing.text
+    # Schema-valid, but the set does not hold the item: a 409 (the schema cannot say it).
+    assert missing.status_code == 409 and "hold item_id 3" in missing.text
     assert repeated.status_code == 422 and "duplicated ids: [2]" in repeated.text
     assert too_many.status_code == 422 and "max_candidates" in too_many.text
     assert empty.status_code == 422
