@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from model.data import world_fingerprint
 from model.features import DEFAULT_MAX_HISTORY, OBJECTIVES
 from model.nets import net_config
 from model.train import TrainSettings, train
@@ -196,12 +197,15 @@ def _matches(metrics: dict[str, Any], settings: TrainSettings) -> bool:
 
 def cached_run(out: Path, settings: TrainSettings, world: Path) -> dict[str, Any] | None:
     """The metrics of the run cached in ``out`` if it was trained with ``settings`` on the world
-    now at ``world``: a run older than the world's ``world.json`` was trained on an earlier
-    world generated at that path (a preset changed since), whatever its settings say."""
+    now at ``world``: the run must record the fingerprint of that world's files (a run without
+    one, or with another, was trained on an earlier world generated at that path), and be no
+    older than its ``world.json``."""
     path = out / "metrics.json"
     if not path.is_file() or path.stat().st_mtime < (world / "world.json").stat().st_mtime:
         return None
     metrics: dict[str, Any] = json.loads(path.read_text())
+    if metrics.get("world_fingerprint") != world_fingerprint(world):
+        return None
     return metrics if _matches(metrics, settings) else None
 
 
