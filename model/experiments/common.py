@@ -28,6 +28,7 @@ from model.data import world_fingerprint
 from model.features import DEFAULT_MAX_HISTORY, OBJECTIVES
 from model.nets import net_config
 from model.train import TrainSettings, train
+from model.world import Preset
 
 RESULTS = Path("results")
 WORLDS = Path("data/worlds")
@@ -126,6 +127,14 @@ class Options:
     """Report on the runs already in the cache and train none (the report lists what ran)."""
     presets: tuple[str, ...] = ()
     """World presets of a multi-world study (empty: the study's own list)."""
+    nets: tuple[str, ...] = ()
+    """Networks of the study (empty: the study's own list)."""
+    unit_users: int | None = None
+    """Learning curve and cross-category worlds: users of one unit of data (1×), whose
+    requests are the study's request count (None: the base preset's users)."""
+    cross_units: int | None = None
+    """Cross-category worlds: their size in units; the last unit is evaluated (None: the
+    study's default)."""
 
     @property
     def suffix(self) -> str:
@@ -147,16 +156,22 @@ MOVIELENS = Protocol()
 # -- worlds and runs ----------------------------------------------------------------------
 
 
-def ensure_world(preset: str, seed: int, root: Path = WORLDS) -> Path:
-    """``root/<preset>-<seed>``, generated first if missing (built aside, then renamed)."""
-    from model.world import write_world
+def ensure_world(preset: str | Preset, seed: int, root: Path = WORLDS) -> Path:
+    """``root/<name>-<seed>``, generated first if missing or generated from another config of
+    the preset than today's (built aside, then renamed over it)."""
+    from model.world import resolve_preset, write_world
 
-    path = root / f"{preset}-{seed}"
-    if not (path / "world.json").is_file():
-        staging = root / f".{preset}-{seed}.staging-{os.getpid()}"
+    resolved = resolve_preset(preset)
+    name = resolved.name
+    path = root / f"{name}-{seed}"
+    wanted = json.loads(json.dumps(asdict(resolved)))
+    meta = path / "world.json"
+    if not meta.is_file() or json.loads(meta.read_text()).get("preset_config") != wanted:
+        staging = root / f".{name}-{seed}.staging-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
-        print(f"generating world {preset} (seed {seed}) into {path}", flush=True)
-        write_world(preset, seed, staging)
+        print(f"generating world {name} (seed {seed}) into {path}", flush=True)
+        write_world(resolved, seed, staging)
+        shutil.rmtree(path, ignore_errors=True)
         staging.rename(path)
     return path
 

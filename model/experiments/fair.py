@@ -225,13 +225,14 @@ def score_world(
                 weight = np.bincount(group, weights=p["labels"][:, 0]).astype(np.float64)
                 click_weight = np.bincount(group, weights=p["labels"][:, click]).astype(np.float64)
                 counts = replicate_counts(int(group.max()) + 1, n_replicates, seed=0)
-
-                def plain(truth: np.ndarray) -> dict[str, dict[str, float]]:
-                    return _evaluate(p["labels"], truth, group, weight, click_weight, counts[:1])[0]
-
                 if not np.isnan(p["truth"]).any():
-                    oracle = plain(p["truth"])
-                    other_oracles = {name: plain(f(p)) for name, f in (oracles or {}).items()}
+                    truths = {"": p["truth"], **{k: f(p) for k, f in (oracles or {}).items()}}
+                    evaluated = {
+                        k: _evaluate(p["labels"], t, group, weight, click_weight, counts[:1])[0]
+                        for k, t in truths.items()
+                    }
+                    oracle = evaluated.pop("")
+                    other_oracles = evaluated
             elif not np.array_equal(p["request_rows"], reference):
                 raise ValueError(f"{net} seed {seed} was evaluated on other requests")
             per_seed.append(
@@ -245,9 +246,7 @@ def score_world(
     assert reference is not None
     runs = {net: grid[net] for net in seeds}
     n_requests = int(group.max()) + 1
-    return Scored(
-        seeds, point, replicates, oracle, n_requests, len(reference), runs, other_oracles
-    )
+    return Scored(seeds, point, replicates, oracle, n_requests, len(reference), runs, other_oracles)
 
 
 def paired(scored: Scored, better: str, worse: str, metric: str, objective: str) -> dict[str, Any]:
@@ -401,8 +400,9 @@ def _k_sweep(scored: Scored) -> str:
 
 
 def _world_section(name: str, world: Path, scored: Scored, best: str, tests: dict[str, Any]) -> str:
+    note = WORLD_NOTES.get(name)
     head = (
-        f"## {name}: {WORLD_NOTES.get(name, '')}\n\n"
+        f"## {name}{f': {note}' if note else ''}\n\n"
         f"World `{world}`; {scored.n_requests:,} evaluated requests, "
         f"{scored.n_candidates:,} candidates."
     )
