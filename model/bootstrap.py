@@ -130,8 +130,11 @@ def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
 
 def two_sided_p(differences: np.ndarray) -> float:
     """Bootstrap p-value of a paired difference being 0: twice the smaller tail share, with the
-    replicate count as the floor (p is never reported as 0 from a finite bootstrap)."""
+    replicate count as the floor (p is never reported as 0 from a finite bootstrap). NaN when
+    no replicate is defined (a window too small to hold both classes)."""
     d = np.asarray(differences)
     d = d[~np.isnan(d)]
+    if not len(d):
+        return float("nan")
     tail = min((d <= 0).mean(), (d >= 0).mean())
     return float(min(1.0, max(2.0 * tail, 1.0 / len(d))))
