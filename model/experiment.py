@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from model.experiments.common import RESULTS, RUNS, SEEDS, WORLDS, Options, Report
-from model.experiments.cross import cross
+from model.experiments.cross import CROSS_SEEDS, cross
 from model.experiments.curve import STUDY_SEEDS, curve
 from model.experiments.fair import fair, fair_movielens
 from model.experiments.history import history_length
@@ -52,7 +52,7 @@ EXPERIMENTS: dict[str, Callable[[Options], Report]] = {
     "curve": curve,
     "cross": cross,
 }
-DEFAULT_SEEDS: dict[str, tuple[int, ...]] = {"curve": STUDY_SEEDS, "cross": STUDY_SEEDS}
+DEFAULT_SEEDS: dict[str, tuple[int, ...]] = {"curve": STUDY_SEEDS, "cross": CROSS_SEEDS}
 """Seeds of a study whose runs are long (the others: SEEDS)."""
 
 
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("name", choices=sorted(EXPERIMENTS))
     parser.add_argument(
-        "--seeds", type=int, nargs="+", help="default: 0 1 for curve and cross, else 0 1 2"
+        "--seeds", type=int, nargs="+", help="default: 0 1 for curve, 0 for cross, else 0 1 2"
     )
     parser.add_argument("--workers", type=int, default=2, help="training processes at once")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")

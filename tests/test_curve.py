@@ -88,7 +88,7 @@ def test_curve_and_cross_end_to_end_on_tiny_worlds(tmp_path: Path):
     assert [int(k) for k in report.data["points"]] == list(CUTS)
     point = report.data["points"]["16"]
     assert set(point["metrics"]["ifa"]) == {"auc", "gauc", "gauc_click", "logloss", "ece"}
-    assert (options.out / "curve.png").is_file() and "Target at 16×" in report.sections[1]
+    assert (options.out / "curve.png").is_file() and "Target at 16×" in report.sections[2]
     cached = sorted(options.runs.rglob("metrics.json"))
     assert len(cached) == 2
     assert all(json.loads(p.read_text())["world_fingerprint"] for p in cached)
@@ -100,4 +100,6 @@ def test_curve_and_cross_end_to_end_on_tiny_worlds(tmp_path: Path):
     assert set(report.data["worlds"]) == {"0.3", "1", "3", "10"}
     low = report.data["worlds"]["0.3"]
     assert low["other_oracles"]["oracle on same-category history"]["gauc"]["click"] > 0.5
-    assert "Target at α ≥ 3" in report.sections[1]
+    assert (
+        "Target at α ≥ 3" in report.sections[2] and "**Ran:** 8 training runs" in report.sections[1]
+    )

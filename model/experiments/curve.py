@@ -60,6 +60,16 @@ CURVE = replace(FAIR, warmup=0.0)
 """Every prediction is kept: the windows pick the points of the curve."""
 
 
+def ran_line(seconds: dict[str, float], seeds: str, workers: int) -> str:
+    """The results header's account of what ran and for how long."""
+    return (
+        f"**Ran:** {seconds['runs']:.0f} training runs (seeds per network: {seeds}), "
+        f"{seconds['seconds'] / 3600:.2f} h of training wall time in all, {workers} at a time "
+        f"(cached runs are reused; a run is retrained when its settings, its network's config or "
+        f"the fingerprint of its world's files differ)."
+    )
+
+
 def scaled(base: str | Preset, units: int, unit_users: int | None, name: str) -> Preset:
     """``base`` with ``units`` × ``unit_users`` users (requests grow in proportion; the catalogue
     stays, so every item is seen ``units`` times as often)."""
@@ -280,8 +290,10 @@ def curve(options: Options) -> Report:
         *headlines(points),
         target_line(verdict, f"{last.seen}×", ("wins", "ties")),
     ]
+    data["training_seconds"] = training_seconds(last.scored.runs)
     sections = [
         setup,
+        ran_line(data["training_seconds"], _seed_note(last.scored), options.workers),
         "**Headlines** (generated from the numbers below):\n\n"
         + "\n".join(f"- {line}" for line in lines),
         "![click GAUC against requests seen](curve.png)\n\n**Click GAUC** (impression-weighted) "
@@ -307,7 +319,6 @@ def curve(options: Options) -> Report:
                 )
             )
     data["headlines"] = lines
-    data["training_seconds"] = training_seconds(last.scored.runs)
     return Report("curve", CURVE_TITLE, sections, data)
 
 

@@ -5,10 +5,14 @@ worlds the method was not tuned on.
 * ``fair`` — every network of :data:`FAIR_NETS` on each world preset of :data:`FAIR_PRESETS`
   (generated with :data:`WORLD_SEED`; IFA's kernel, degree and RAM defaults were chosen on the
   tuning world ``medium-0``, see results/design_sweeps.md, and nothing is chosen here).
-* ``fair_movielens`` — the same networks plus IFA without RAM on MovieLens 100K.
+* ``fair_movielens`` — the same networks on MovieLens 100K, with IFA's ablations.
 
-Per world, network and objective: pooled AUC, per-request GAUC (impression-weighted), log loss
-and ECE, as mean ± std over seeds and a 95% bootstrap interval over requests (the replicates
+IFA without RAM is among the networks, so that its comparison with the baselines (none of which
+has a relation module) isolates the full-sequence read.
+
+Per world, network and objective: pooled AUC, per-request GAUC weighted by impressions and by
+clicks, log loss and ECE over equal-mass bins, as mean ± std over seeds and a 95% bootstrap
+interval over requests (the replicates
 resample requests; one set of replicates per world, shared by every network, so differences
 are paired). The best fair baseline of a world is the baseline with the highest mean click
 GAUC (ranking within a request by p_imp · p_click is what the service serves); picking it on
