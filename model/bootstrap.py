@@ -16,12 +16,12 @@ import numpy as np
 
 from model.metrics import (
     CALIBRATION_BINS,
-    calibration_bins,
+    equal_mass_bins,
     log_losses,
     per_request_auc,
 )
 
-N_REPLICATES = 100
+N_REPLICATES = 1000
 
 
 def replicate_counts(n_requests: int, n_replicates: int, seed: int = 0) -> np.ndarray:
@@ -39,6 +39,7 @@ class RequestStats:
 
     auc: np.ndarray  # (R,) NaN where undefined
     weight: np.ndarray  # (R,) GAUC weight (impressions of the request)
+    click_weight: np.ndarray  # (R,) the other GAUC weight (clicks of the request)
     loss_sum: np.ndarray  # (R,) Σ log loss over the request's candidates
     count: np.ndarray  # (R,) candidates
     bin_p: np.ndarray  # (R, bins) Σ prediction per calibration bin
@@ -52,17 +53,23 @@ class RequestStats:
         probabilities: np.ndarray,
         group: np.ndarray,
         weight: np.ndarray,
+        click_weight: np.ndarray | None = None,
         bins: int = CALIBRATION_BINS,
     ) -> RequestStats:
-        """labels, probabilities, group (n,); group a dense request index; weight (R,)."""
+        """labels, probabilities, group (n,); group a dense request index; weight and
+        click_weight (R,) (click_weight defaults to weight).
+
+        Calibration bins are equal-mass over these predictions and stay fixed across
+        replicates (a replicate's bins hold about, not exactly, equal mass)."""
         r = len(weight)
         y = np.asarray(labels, dtype=np.float64)
         p = np.asarray(probabilities, dtype=np.float64)
-        cell = group * bins + calibration_bins(p, bins)
+        cell = group * bins + equal_mass_bins(p, bins)
         size = r * bins
         return cls(
             auc=per_request_auc(y, p, group),
             weight=np.asarray(weight, dtype=np.float64),
+            click_weight=np.asarray(weight if click_weight is None else click_weight, np.float64),
             loss_sum=np.bincount(group, weights=log_losses(y, p), minlength=r),
             count=np.bincount(group, minlength=r).astype(np.float64),
             bin_p=np.bincount(cell, weights=p, minlength=size).reshape(r, bins),
@@ -71,17 +78,23 @@ class RequestStats:
         )
 
     def metrics(self, counts: np.ndarray) -> dict[str, np.ndarray]:
-        """GAUC, log loss and ECE under request multiplicities ``counts`` (B, R) -> (B,) each.
+        """GAUC (both weightings), log loss and ECE under request multiplicities ``counts``
+        (B, R) -> (B,) each: ``gauc`` weighs requests by ``weight``, ``gauc_click`` by
+        ``click_weight``.
 
         A row of ones gives the plain (unresampled) value.
         """
         defined = ~np.isnan(self.auc)
+        auc = np.nan_to_num(self.auc)
         w = np.where(defined, self.weight, 0.0)
-        gauc = (counts @ (np.nan_to_num(self.auc) * w)) / (counts @ w)
+        w_click = np.where(defined, self.click_weight, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gauc = (counts @ (auc * w)) / (counts @ w)
+            gauc_click = (counts @ (auc * w_click)) / (counts @ w_click)
         loss = (counts @ self.loss_sum) / (counts @ self.count)
         gap = np.abs(counts @ self.bin_p - counts @ self.bin_y).sum(axis=1)
         ece = gap / (counts @ self.bin_n).sum(axis=1)
-        return {"gauc": gauc, "logloss": loss, "ece": ece}
+        return {"gauc": gauc, "gauc_click": gauc_click, "logloss": loss, "ece": ece}
 
 
 def auc_replicates(
@@ -117,8 +130,11 @@ def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
 
 def two_sided_p(differences: np.ndarray) -> float:
     """Bootstrap p-value of a paired difference being 0: twice the smaller tail share, with the
-    replicate count as the floor (p is never reported as 0 from a finite bootstrap)."""
+    replicate count as the floor (p is never reported as 0 from a finite bootstrap). NaN when
+    no replicate is defined (a window too small to hold both classes)."""
     d = np.asarray(differences)
     d = d[~np.isnan(d)]
+    if not len(d):
+        return float("nan")
     tail = min((d <= 0).mean(), (d >= 0).mean())
     return float(min(1.0, max(2.0 * tail, 1.0 / len(d))))

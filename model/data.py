@@ -28,6 +28,8 @@ into samples.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -323,6 +325,30 @@ def save_world(world: World, path: Path) -> None:
 def _read_table(path: Path) -> Table:
     table = pq.read_table(path)
     return {name: table.column(name).to_numpy() for name in table.column_names}
+
+
+def world_fingerprint(path: Path) -> str | None:
+    """SHA-256 of a world directory's files (``world.json`` and every table), or None where
+    there is no world on disk. A run records the fingerprint of the world it was trained on, so
+    a world generated again at the same path (another generator, another preset) never passes
+    for the one the run saw."""
+    path = Path(path)
+    files = [path / "world.json", *(path / f for f in TABLE_FILES.values())]
+    if not all(f.is_file() for f in files):
+        return None
+    stamps = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    return _fingerprint(stamps)
+
+
+@functools.lru_cache(maxsize=32)
+def _fingerprint(stamps: tuple[tuple[str, int, int], ...]) -> str:
+    """Keyed on each file's (path, mtime, size): hashed once per version of the files."""
+    digest = hashlib.sha256()
+    for name, _, _ in stamps:
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def load_world(path: Path) -> World:

@@ -11,6 +11,11 @@
   tuned on: AUC, GAUC, log loss and ECE per objective with bootstrap intervals over requests.
 * ``fair_movielens`` — the same models and metrics on MovieLens 100K, with IFA's ablations.
 * ``ifa_variants`` — IFA+degree, +decay, +channel and both on the tuning world: the demo's network.
+* ``curve`` — the fair study's networks on one study world at 17× its requests, one streaming pass:
+  click GAUC after 1×, 2×, 4×, 8× and 16× the study's requests were seen (results/curve.png).
+* ``cross`` — worlds where topics spread across 64 categories (Dirichlet α 0.3 to 10), no
+  category term in the truth, with the oracle restricted to same-category history beside the full
+  one.
 
 Each writes ``results/<name>.md`` and ``.json`` (most also a ``.png``). The studies live in
 ``model/experiments/`` (one module each); this module is the command line.
@@ -25,6 +30,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from model.experiments.common import RESULTS, RUNS, SEEDS, WORLDS, Options, Report
+from model.experiments.cross import CROSS_SEEDS, cross
+from model.experiments.curve import STUDY_SEEDS, curve
 from model.experiments.fair import fair, fair_movielens
 from model.experiments.history import history_length
 from model.experiments.movielens import movielens
@@ -42,7 +49,11 @@ EXPERIMENTS: dict[str, Callable[[Options], Report]] = {
     "fair": fair,
     "fair_movielens": fair_movielens,
     "ifa_variants": ifa_variants,
+    "curve": curve,
+    "cross": cross,
 }
+DEFAULT_SEEDS: dict[str, tuple[int, ...]] = {"curve": STUDY_SEEDS, "cross": CROSS_SEEDS}
+"""Seeds of a study whose runs are long (the others: SEEDS)."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -50,7 +61,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m model.experiment", description=__doc__.split("\n")[0]
     )
     parser.add_argument("name", choices=sorted(EXPERIMENTS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help="default: 0 1 for curve, 0 for cross, else 0 1 2"
+    )
     parser.add_argument("--workers", type=int, default=2, help="training processes at once")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--preset", default="medium", help="synthetic world preset")
@@ -67,11 +80,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="report on the runs already cached; train nothing (the report lists what ran)",
     )
     parser.add_argument(
-        "--presets", nargs="+", default=[], help="world presets of the fair study (default: all)"
+        "--presets",
+        nargs="+",
+        default=[],
+        help="world presets of the fair study (default: all); the base preset of curve, cross",
+    )
+    parser.add_argument("--nets", nargs="+", default=[], help="networks (default: the study's)")
+    parser.add_argument(
+        "--unit-users",
+        type=int,
+        help="curve, cross: users per unit of requests (default: the base preset's users)",
+    )
+    parser.add_argument(
+        "--cross-units",
+        type=int,
+        help="cross: world size in units of the study's requests, the last one scored (default 4)",
     )
     args = parser.parse_args(argv)
+    seeds = tuple(args.seeds) if args.seeds else DEFAULT_SEEDS.get(args.name, SEEDS)
     options = Options(
-        tuple(args.seeds),
+        seeds,
         args.workers,
         args.out,
         args.preset,
@@ -80,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.burn_in,
         args.cached_only,
         tuple(args.presets),
+        tuple(args.nets),
+        args.unit_users,
+        args.cross_units,
     )
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +126,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     report.write(args.out)
     print("\n\n".join(report.sections[1:3]))
-    print(f"wrote {args.out / report.name}.md, .json, .png in {elapsed:.0f} s", file=sys.stderr)
+    written = [
+        f".{e}" for e in ("md", "json", "png") if (args.out / f"{report.name}.{e}").is_file()
+    ]
+    print(f"wrote {args.out / report.name}{', '.join(written)} in {elapsed:.0f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -152,13 +152,30 @@ def calibration_bins(probabilities: np.ndarray, bins: int = CALIBRATION_BINS) ->
     return np.minimum((p * bins).astype(np.int64), bins - 1)
 
 
+def equal_mass_bins(probabilities: np.ndarray, bins: int = CALIBRATION_BINS) -> np.ndarray:
+    """Equal-mass bin of each probability: the k-th smallest of n goes to bin ⌊k·bins / n⌋, so
+    every bin holds n/bins predictions (±1; ties split by position). Equal-width bins put almost
+    every joint probability of a rare action in the first bin, where ECE measures only the
+    overall rate."""
+    p = np.asarray(probabilities, dtype=np.float64).ravel()
+    out = np.empty(len(p), dtype=np.int64)
+    out[np.argsort(p, kind="mergesort")] = np.arange(len(p)) * bins // max(len(p), 1)
+    return out
+
+
 def expected_calibration_error(
-    labels: np.ndarray, probabilities: np.ndarray, bins: int = CALIBRATION_BINS
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    bins: int = CALIBRATION_BINS,
+    bin_of: np.ndarray | None = None,
 ) -> float:
-    """ECE: Σ_b (n_b / n) · |mean prediction_b − positive rate_b| over equal-width bins."""
+    """ECE: Σ_b (n_b / n) · |mean prediction_b − positive rate_b| over ``bins`` bins.
+
+    ``bin_of`` (n,) each sample's bin (e.g. :func:`equal_mass_bins`); equal-width when None.
+    """
     p = np.asarray(probabilities, dtype=np.float64).ravel()
     y = np.asarray(labels, dtype=np.float64).ravel()
-    b = calibration_bins(p, bins)
+    b = calibration_bins(p, bins) if bin_of is None else np.asarray(bin_of).ravel()
     count = np.bincount(b, minlength=bins)
     gap = np.abs(
         np.bincount(b, weights=p, minlength=bins) - np.bincount(b, weights=y, minlength=bins)

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from model.batch import Batch
 from model.checkpoint import Checkpoint, save_checkpoint
-from model.data import World, batches, load_world, spec_for_world
+from model.data import World, batches, load_world, spec_for_world, world_fingerprint
 from model.features import DEFAULT_MAX_HISTORY, OBJECTIVES, FeatureSpec
 from model.loss import esmm_loss, joint_probabilities
 from model.metrics import bucketed_aucs, objective_aucs
@@ -144,6 +144,8 @@ class RunResult:
     n_eval_candidates: int
     n_parameters: int
     world_size: int = 1
+    world_fingerprint: str | None = None
+    """SHA-256 of the world's files (None for a world given only in memory)."""
     predictions: Predictions | None = field(default=None, repr=False)
     checkpoint: Checkpoint | None = field(default=None, repr=False)
 
@@ -418,6 +420,7 @@ def _summarise(
         n_eval_candidates=len(first.request_rows),
         n_parameters=sum(p.numel() for p in net.parameters()),
         world_size=world_size,
+        world_fingerprint=world_fingerprint(settings.world),
         predictions=first,
     )
     metadata = {k: v for k, v in result.to_json().items() if k not in ("losses", "config")}

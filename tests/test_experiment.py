@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from model.experiments.common import _matches, cached_run
+from model.data import world_fingerprint
+from model.experiments.common import _matches, cached_run, ensure_world
 from model.nets import net_config
 from model.train import TrainSettings
+from model.world import write_world
 
 
 def _metrics_of(settings: TrainSettings) -> dict:
@@ -47,6 +50,36 @@ def test_a_run_older_than_its_world_is_retrained(tmp_path: Path):
     assert cached_run(out, settings, world) is not None
     os.utime(world / "world.json", (3_000, 3_000))  # the world was generated again since
     assert cached_run(out, settings, world) is None
+
+
+def test_a_run_on_a_world_generated_again_at_its_path_is_retrained(tmp_path: Path):
+    """The fingerprint of the world's files decides, whatever the timestamps say."""
+    world = ensure_world("tiny", 0, tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    settings = TrainSettings(world, net="ifa", net_overrides={"key_dim": 32})
+    metrics = {**_metrics_of(settings), "world_fingerprint": world_fingerprint(world)}
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    assert cached_run(out, settings, world) is not None
+    (out / "metrics.json").write_text(json.dumps(_metrics_of(settings)))  # no fingerprint
+    assert cached_run(out, settings, world) is None
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    # Another world at the same path, its files dated before the run, so only the fingerprint
+    # can tell.
+    shutil.rmtree(world)
+    write_world("tiny", 1, world)
+    for f in world.iterdir():
+        os.utime(f, (1_000, 1_000))
+    assert cached_run(out, settings, world) is None
+
+
+def test_a_world_generated_from_another_config_of_its_preset_is_generated_again(tmp_path):
+    world = ensure_world("tiny", 0, tmp_path)
+    meta = json.loads((world / "world.json").read_text())
+    meta["preset_config"]["n_users"] = 90  # as an earlier version of the preset had it
+    (world / "world.json").write_text(json.dumps(meta))
+    assert ensure_world("tiny", 0, tmp_path) == world
+    assert json.loads((world / "world.json").read_text())["preset_config"]["n_users"] == 100
 
 
 def test_the_demo_serves_the_variant_that_won_on_the_tuning_world() -> None:

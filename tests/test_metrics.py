@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from model.metrics import (
     average_ranks,
     bucketed_aucs,
+    equal_mass_bins,
     expected_calibration_error,
     gauc,
     log_loss,
@@ -145,6 +146,21 @@ def test_expected_calibration_error_by_hand():
     probs = np.array([0.1, 0.1, 0.9, 1.0])
     assert expected_calibration_error(labels, probs) == pytest.approx(0.225)
     assert expected_calibration_error(np.array([0, 1]), np.array([0.5, 0.5])) == 0.0
+
+
+def test_equal_mass_calibration_error_by_hand():
+    # Two equal-mass bins: {0.1, 0.2} with labels 0, 1 -> |0.15 − 0.5| = 0.35; {0.3, 0.9} with
+    # labels 0, 1 -> |0.6 − 0.5| = 0.1; each holds half: ECE = 0.5·0.35 + 0.5·0.1 = 0.225.
+    # Equal-width bins ([0, 0.5) holds three) give 0.75·|0.2 − 1/3| + 0.25·|0.9 − 1| = 0.125.
+    labels = np.array([1, 0, 0, 1])
+    probs = np.array([0.2, 0.1, 0.3, 0.9])
+    bins = equal_mass_bins(probs, 2)
+    np.testing.assert_array_equal(bins, [0, 0, 1, 1])
+    assert expected_calibration_error(labels, probs, 2, bin_of=bins) == pytest.approx(0.225)
+    assert expected_calibration_error(labels, probs, 2) == pytest.approx(0.125)
+    # Every bin holds n / bins predictions, whatever their spread.
+    skewed = np.r_[np.full(15, 0.01), np.linspace(0.5, 1.0, 5)]
+    assert np.bincount(equal_mass_bins(skewed, 10)).tolist() == [2] * 10
 
 
 def test_weighted_auc_is_auc_with_repeated_samples():

@@ -24,9 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from model.data import world_fingerprint
 from model.features import DEFAULT_MAX_HISTORY, OBJECTIVES
 from model.nets import net_config
 from model.train import TrainSettings, train
+from model.world import Preset
 
 RESULTS = Path("results")
 WORLDS = Path("data/worlds")
@@ -125,6 +127,14 @@ class Options:
     """Report on the runs already in the cache and train none (the report lists what ran)."""
     presets: tuple[str, ...] = ()
     """World presets of a multi-world study (empty: the study's own list)."""
+    nets: tuple[str, ...] = ()
+    """Networks of the study (empty: the study's own list)."""
+    unit_users: int | None = None
+    """Learning curve and cross-category worlds: users of one unit of data (1×), whose
+    requests are the study's request count (None: the base preset's users)."""
+    cross_units: int | None = None
+    """Cross-category worlds: their size in units; the last unit is evaluated (None: the
+    study's default)."""
 
     @property
     def suffix(self) -> str:
@@ -146,16 +156,22 @@ MOVIELENS = Protocol()
 # -- worlds and runs ----------------------------------------------------------------------
 
 
-def ensure_world(preset: str, seed: int, root: Path = WORLDS) -> Path:
-    """``root/<preset>-<seed>``, generated first if missing (built aside, then renamed)."""
-    from model.world import write_world
+def ensure_world(preset: str | Preset, seed: int, root: Path = WORLDS) -> Path:
+    """``root/<name>-<seed>``, generated first if missing or generated from another config of
+    the preset than today's (built aside, then renamed over it)."""
+    from model.world import resolve_preset, write_world
 
-    path = root / f"{preset}-{seed}"
-    if not (path / "world.json").is_file():
-        staging = root / f".{preset}-{seed}.staging-{os.getpid()}"
+    resolved = resolve_preset(preset)
+    name = resolved.name
+    path = root / f"{name}-{seed}"
+    wanted = json.loads(json.dumps(asdict(resolved)))
+    meta = path / "world.json"
+    if not meta.is_file() or json.loads(meta.read_text()).get("preset_config") != wanted:
+        staging = root / f".{name}-{seed}.staging-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
-        print(f"generating world {preset} (seed {seed}) into {path}", flush=True)
-        write_world(preset, seed, staging)
+        print(f"generating world {name} (seed {seed}) into {path}", flush=True)
+        write_world(resolved, seed, staging)
+        shutil.rmtree(path, ignore_errors=True)
         staging.rename(path)
     return path
 
@@ -196,12 +212,15 @@ def _matches(metrics: dict[str, Any], settings: TrainSettings) -> bool:
 
 def cached_run(out: Path, settings: TrainSettings, world: Path) -> dict[str, Any] | None:
     """The metrics of the run cached in ``out`` if it was trained with ``settings`` on the world
-    now at ``world``: a run older than the world's ``world.json`` was trained on an earlier
-    world generated at that path (a preset changed since), whatever its settings say."""
+    now at ``world``: the run must record the fingerprint of that world's files (a run without
+    one, or with another, was trained on an earlier world generated at that path), and be no
+    older than its ``world.json``."""
     path = out / "metrics.json"
     if not path.is_file() or path.stat().st_mtime < (world / "world.json").stat().st_mtime:
         return None
     metrics: dict[str, Any] = json.loads(path.read_text())
+    if metrics.get("world_fingerprint") != world_fingerprint(world):
+        return None
     return metrics if _matches(metrics, settings) else None
 
 

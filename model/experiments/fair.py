@@ -5,10 +5,14 @@ worlds the method was not tuned on.
 * ``fair`` — every network of :data:`FAIR_NETS` on each world preset of :data:`FAIR_PRESETS`
   (generated with :data:`WORLD_SEED`; IFA's kernel, degree and RAM defaults were chosen on the
   tuning world ``medium-0``, see results/design_sweeps.md, and nothing is chosen here).
-* ``fair_movielens`` — the same networks plus IFA without RAM on MovieLens 100K.
+* ``fair_movielens`` — the same networks on MovieLens 100K, with IFA's ablations.
 
-Per world, network and objective: pooled AUC, per-request GAUC (impression-weighted), log loss
-and ECE, as mean ± std over seeds and a 95% bootstrap interval over requests (the replicates
+IFA without RAM is among the networks, so that its comparison with the baselines (none of which
+has a relation module) isolates the full-sequence read.
+
+Per world, network and objective: pooled AUC, per-request GAUC weighted by impressions and by
+clicks, log loss and ECE over equal-mass bins, as mean ± std over seeds and a 95% bootstrap
+interval over requests (the replicates
 resample requests; one set of replicates per world, shared by every network, so differences
 are paired). The best fair baseline of a world is the baseline with the highest mean click
 GAUC (ranking within a request by p_imp · p_click is what the service serves); picking it on
@@ -22,8 +26,8 @@ seed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,18 +55,21 @@ from model.experiments.common import (
     training_seconds,
 )
 from model.features import OBJECTIVES
-from model.metrics import request_index, roc_auc
+from model.metrics import CALIBRATION_BINS, request_index, roc_auc
 
 FAIR_NETS: tuple[str, ...] = (
     "avgpool", "din", "din_softmax", "sim_hard", "sim_hard_mass", "sim_soft",
     "twin", "twin_k100", "twin_k200", "twin_mass", "twin_k100_mass", "twin_k200_mass",
-    "ifa_no_degree", "ifa", "ifa_decay", "ifa_channel", "ifa_channel_decay",
+    "ifa_no_degree", "ifa", "ifa_no_ram", "ifa_decay", "ifa_channel", "ifa_channel_decay",
 )  # fmt: skip
 IFA_VARIANTS: tuple[str, ...] = ("ifa_decay", "ifa_channel", "ifa_channel_decay")
 """IFA+degree with its learned time decay, with the category's exact-match channel, and both."""
 IFA_NETS: tuple[str, ...] = ("ifa_no_degree", "ifa", "ifa_no_ram", *IFA_VARIANTS)
 IFA_ROWS: tuple[str, ...] = ("ifa_no_degree", "ifa", *IFA_VARIANTS)
-"""The IFA rows tested against the best fair baseline of every world."""
+"""The IFA rows the best IFA variant is chosen from."""
+TESTED_IFA: tuple[str, ...] = (*IFA_ROWS, "ifa_no_ram")
+"""The IFA rows tested against the best fair baseline of every world: without RAM too, so that
+the comparison with the baselines (none of which has RAM) isolates the full-sequence read."""
 CONTRIBUTIONS: tuple[tuple[str, str, str], ...] = (
     ("ifa_channel", "ifa", "channel"),
     ("ifa_decay", "ifa", "decay"),
@@ -70,7 +77,7 @@ CONTRIBUTIONS: tuple[tuple[str, str, str], ...] = (
     ("ifa_channel_decay", "ifa", "channel and decay"),
 )
 """(variant, reference, what the difference measures): each addition against IFA+degree."""
-MOVIELENS_NETS: tuple[str, ...] = (*FAIR_NETS, "ifa_no_ram")
+MOVIELENS_NETS: tuple[str, ...] = FAIR_NETS
 FAIR_PRESETS: tuple[str, ...] = (
     "study_mixed",
     "study_count",
@@ -88,7 +95,8 @@ PROTOCOLS = {"study_long": replace(FAIR, max_history=LONG_WINDOW)}
 """A world's own protocol where the default window would hide what it tests: the long-history
 world keeps whole histories (its longest is 50,000 events), so the service serving such a model
 keeps that window too (the exported manifest says so)."""
-METRICS: tuple[str, ...] = ("auc", "gauc", "logloss", "ece")
+METRICS: tuple[str, ...] = ("auc", "gauc", "gauc_click", "logloss", "ece")
+"""gauc weighs each request by its impressions, gauc_click by its clicks."""
 LOWER_IS_BETTER = frozenset({"logloss", "ece"})
 SELECTION = ("click", "gauc")
 """(objective, metric) that names the best fair baseline of a world."""
@@ -138,11 +146,24 @@ class Scored:
     n_candidates: int
     runs: dict[str, dict[int, dict[str, Any]]]
     """net -> seed -> the run's metrics.json."""
+    other_oracles: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    """label -> metric -> objective: oracles with less information than the truth's."""
 
 
-def _predictions(path: Path) -> dict[str, np.ndarray]:
+Oracle = Callable[[dict[str, np.ndarray]], np.ndarray]
+"""A run's predictions (the arrays of predictions.npz) -> (n, objectives) probabilities."""
+
+
+def _predictions(path: Path, window: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of predictions.npz; with ``window`` (lo, hi) only the predictions for requests
+    at stream positions lo <= row < hi."""
     with np.load(path) as data:
-        return {k: data[k] for k in data.files}
+        arrays = {k: data[k] for k in data.files}
+    if window is None:
+        return arrays
+    rows = arrays["request_rows"]
+    inside = (rows >= window[0]) & (rows < window[1])
+    return {k: v[inside] for k, v in arrays.items()}
 
 
 def _evaluate(
@@ -150,6 +171,7 @@ def _evaluate(
     scores: np.ndarray,
     group: np.ndarray,
     weight: np.ndarray,
+    click_weight: np.ndarray,
     counts: np.ndarray,
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]:
     """Point metrics and bootstrap replicates of one run: metric -> objective -> value."""
@@ -157,9 +179,9 @@ def _evaluate(
     reps: dict[str, dict[str, np.ndarray]] = {m: {} for m in METRICS}
     ones = np.ones((1, counts.shape[1]))
     for k, objective in enumerate(OBJECTIVES):
-        stats = RequestStats.of(labels[:, k], scores[:, k], group, weight)
+        stats = RequestStats.of(labels[:, k], scores[:, k], group, weight, click_weight)
         plain, resampled = stats.metrics(ones), stats.metrics(counts)
-        for m in ("gauc", "logloss", "ece"):
+        for m in ("gauc", "gauc_click", "logloss", "ece"):
             point[m][objective] = float(plain[m][0])
             reps[m][objective] = resampled[m]
         point["auc"][objective] = roc_auc(labels[:, k], scores[:, k])
@@ -168,11 +190,20 @@ def _evaluate(
 
 
 def score_world(
-    options: Options, world: Path, protocol: Protocol, nets: Sequence[str], n_replicates: int
+    options: Options,
+    world: Path,
+    protocol: Protocol,
+    nets: Sequence[str],
+    n_replicates: int,
+    window: tuple[int, int] | None = None,
+    oracles: Mapping[str, Oracle] | None = None,
 ) -> Scored | None:
     """Train (or take from the cache) every run, then score them all on shared replicates.
 
-    None when there is no run at all (``--cached-only`` before anything was trained)."""
+    ``window`` (lo, hi): score only the requests at stream positions lo <= row < hi (a point of
+    a learning curve). ``oracles``: further oracle rows, label -> probabilities from the
+    predictions. None when there is no run at all (``--cached-only`` before anything was
+    trained)."""
     grid = run_grid(options, world, nets, options.seeds, protocol, options.workers)
     seeds = {net: sorted(grid[net]) for net in nets if grid[net]}
     if not seeds:
@@ -181,22 +212,36 @@ def score_world(
     replicates: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     reference: np.ndarray | None = None
     oracle = None
+    other_oracles: dict[str, dict[str, dict[str, float]]] = {}
     counts = np.zeros((0, 0))
-    group = weight = np.zeros(0)
+    group = weight = click_weight = np.zeros(0)
+    click = OBJECTIVES.index("click")
     for net, net_seeds in seeds.items():
         per_seed = []
         for seed in net_seeds:
-            p = _predictions(run_dir(options, world, protocol, net, seed) / "predictions.npz")
+            path = run_dir(options, world, protocol, net, seed) / "predictions.npz"
+            p = _predictions(path, window)
+            if not len(p["request_rows"]):
+                raise ValueError(f"{path} holds no prediction in the window {window}")
             if reference is None:
                 reference = p["request_rows"]
                 group = request_index(reference)
                 weight = np.bincount(group, weights=p["labels"][:, 0]).astype(np.float64)
+                click_weight = np.bincount(group, weights=p["labels"][:, click]).astype(np.float64)
                 counts = replicate_counts(int(group.max()) + 1, n_replicates, seed=0)
                 if not np.isnan(p["truth"]).any():
-                    oracle = _evaluate(p["labels"], p["truth"], group, weight, counts[:1])[0]
+                    truths = {"": p["truth"], **{k: f(p) for k, f in (oracles or {}).items()}}
+                    evaluated = {
+                        k: _evaluate(p["labels"], t, group, weight, click_weight, counts[:1])[0]
+                        for k, t in truths.items()
+                    }
+                    oracle = evaluated.pop("")
+                    other_oracles = evaluated
             elif not np.array_equal(p["request_rows"], reference):
                 raise ValueError(f"{net} seed {seed} was evaluated on other requests")
-            per_seed.append(_evaluate(p["labels"], p["scores"], group, weight, counts))
+            per_seed.append(
+                _evaluate(p["labels"], p["scores"], group, weight, click_weight, counts)
+            )
         point[net] = {m: {o: [s[0][m][o] for s in per_seed] for o in OBJECTIVES} for m in METRICS}
         replicates[net] = {
             m: {o: np.mean([s[1][m][o] for s in per_seed], axis=0) for o in OBJECTIVES}
@@ -204,7 +249,8 @@ def score_world(
         }
     assert reference is not None
     runs = {net: grid[net] for net in seeds}
-    return Scored(seeds, point, replicates, oracle, int(group.max()) + 1, len(reference), runs)
+    n_requests = int(group.max()) + 1
+    return Scored(seeds, point, replicates, oracle, n_requests, len(reference), runs, other_oracles)
 
 
 def paired(scored: Scored, better: str, worse: str, metric: str, objective: str) -> dict[str, Any]:
@@ -286,16 +332,18 @@ def metric_table(scored: Scored, objective: str) -> str:
     lines = [
         f"**{objective}** — mean{' ± seed std' if _multi_seed(scored) else ''} "
         "[95% bootstrap interval over requests]\n",
-        "| model | seeds | AUC | GAUC | log loss | ECE |",
-        "|---|---|---|---|---|---|",
+        "| model | seeds | AUC | GAUC (impressions) | GAUC (clicks) | log loss | ECE |",
+        "|---|---|---|---|---|---|---|",
     ]
     for net in scored.seeds:
         cells = " | ".join(_cell(scored, net, m, objective) for m in METRICS)
         seeds = ",".join(map(str, scored.seeds[net]))
         lines.append(f"| {LABELS[net]} | {seeds} | {cells} |")
-    if scored.oracle is not None:
-        cells = " | ".join(f"{scored.oracle[m][objective]:.4f}" for m in METRICS)
-        lines.append(f"| oracle (true probabilities) | — | {cells} |")
+    oracles = {"oracle (true probabilities)": scored.oracle, **scored.other_oracles}
+    for label, values in oracles.items():
+        if values is not None:
+            cells = " | ".join(f"{values[m][objective]:.4f}" for m in METRICS)
+            lines.append(f"| {label} | — | {cells} |")
     return "\n".join(lines)
 
 
@@ -356,8 +404,9 @@ def _k_sweep(scored: Scored) -> str:
 
 
 def _world_section(name: str, world: Path, scored: Scored, best: str, tests: dict[str, Any]) -> str:
+    note = WORLD_NOTES.get(name)
     head = (
-        f"## {name}: {WORLD_NOTES.get(name, '')}\n\n"
+        f"## {name}{f': {note}' if note else ''}\n\n"
         f"World `{world}`; {scored.n_requests:,} evaluated requests, "
         f"{scored.n_candidates:,} candidates."
     )
@@ -398,9 +447,8 @@ def _setup(protocol: Protocol, options: Options, n_replicates: int, what: str) -
         f"max_history = {protocol.max_history} (the window the service keeps), shared network "
         f"settings {dict(protocol.net_overrides)}, the first {protocol.warmup:.0%} of batches "
         "not evaluated. Scores: impression by p_imp, each action by p_imp · p(action | imp), "
-        "against the joint labels. GAUC = Σ_r w_r AUC_r / Σ_r w_r over requests with both "
-        "classes, w_r = the request's impressions. Log loss of the same probabilities; ECE "
-        f"over 10 equal-width bins. Intervals: {n_replicates} bootstrap replicates over "
+        f"against the joint labels. {METRIC_DEFINITIONS} Intervals: {n_replicates} bootstrap "
+        "replicates over "
         "requests, shared by all models of a world (paired); verdicts: wins / loses when the "
         "95% interval of the paired GAUC difference excludes 0, ties otherwise. Requested "
         f"seeds {', '.join(map(str, options.seeds))}; the seeds column says which ran."
@@ -471,7 +519,7 @@ def fair(options: Options) -> Report:
             rows.append(f"| {preset} | — | not run | not run | none |")
             continue
         best = best_baseline(scored)
-        tests = comparisons(scored, IFA_ROWS, best)
+        tests = comparisons(scored, TESTED_IFA, best)
         sections.append(_world_section(preset, world, scored, best, tests))
         data["worlds"][preset] = _world_data(scored, best, tests)
         rows.append(_summary_row(preset, scored, best, tests))
@@ -507,7 +555,7 @@ def fair_movielens(options: Options) -> Report:
     if scored is None:
         raise RuntimeError(f"no runs on {world}: train them (leave out --cached-only)")
     best = best_baseline(scored)
-    tests = comparisons(scored, (*IFA_ROWS, "ifa_no_ram"), best)
+    tests = comparisons(scored, TESTED_IFA, best)
     ablations = comparisons(scored, ("ifa",), "ifa_no_degree")
     ablations_ram = comparisons(scored, ("ifa",), "ifa_no_ram")
     what = (
@@ -541,6 +589,14 @@ def fair_movielens(options: Options) -> Report:
     )
 
 
+METRIC_DEFINITIONS = (
+    "GAUC = Σ_r w_r AUC_r / Σ_r w_r over the requests with both classes: GAUC (impressions) "
+    "weighs a request by its impressions (every request of these worlds shows the same number, "
+    "so it is the plain mean over requests), GAUC (clicks) by its clicks (requests the user "
+    "clicked in count more, requests without a click not at all). Log loss of the same "
+    f"probabilities; ECE over {CALIBRATION_BINS} equal-mass bins of each run's predictions "
+    "(fixed across replicates)."
+)
 SUMMARY_HEAD = (
     "| world | best fair baseline | IFA (paper) | IFA+degree | best IFA variant | its click | "
     "its impression | seeds run |\n|---|---|---|---|---|---|---|---|\n"
