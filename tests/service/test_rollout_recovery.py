@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,10 +19,10 @@ import pytest
 from model.artifact import LATEST_FILE, load_manifest
 from model.export import write_latest
 from service import rollout as rollout_module
-from service.api.deps import Services
 from service.settings import Settings
 from service.stores import open_store
 from tests.service.test_consistency import rank
+from tests.service.test_rollout import eventually, services_of
 from tests.support import build_artifact, events_payload, make_settings, service_client
 
 pytestmark = pytest.mark.anyio
@@ -36,20 +36,6 @@ FAST = {
     "api_token": TOKEN,
     "store": "memory",
 }
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 60) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
-
-
-def services_of(client: httpx.AsyncClient) -> Services:
-    services = client.app.state.services  # type: ignore[attr-defined]
-    assert isinstance(services, Services)
-    return services
 
 
 @pytest.fixture
