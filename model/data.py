@@ -132,7 +132,8 @@ def meta_actions(meta: dict[str, Any]) -> tuple[str, ...]:
 def schema(name: str, meta: dict[str, Any]) -> dict[str, np.dtype[Any]]:
     """Required columns and types of table ``name`` in a world described by ``meta``."""
     if name == "items" and "item_attributes" in meta:
-        return {c: np.dtype(np.int64) for c in ("item_id", *meta["item_attributes"])}
+        names = [a["name"] for a in meta["item_attributes"]]
+        return {c: np.dtype(np.int64) for c in ("item_id", *names)}
     if name != "candidates":
         return SCHEMAS[name]
     objectives = meta_actions(meta)
@@ -463,8 +464,9 @@ def spec_for_world(world: World, id_dim: int = 16, attribute_dim: int = 8) -> Fe
 
 def _declared_spec(world: World, id_dim: int, attribute_dim: int) -> FeatureSpec:
     """A prepared log's spec: item id, then the item attributes ``world.json`` declares (each a
-    vocabulary of its recorded cardinality), user id and no profile."""
-    attributes = {str(k): int(v) for k, v in world.meta["item_attributes"].items()}
+    vocabulary of its recorded cardinality, in declared order), user id and no profile."""
+    # A list, not a mapping: world.json is written with sorted keys, and the order is the spec's.
+    attributes = {str(a["name"]): int(a["cardinality"]) for a in world.meta["item_attributes"]}
     n_items, n_users = len(world.items["item_id"]), len(world.users["user_id"])
     return FeatureSpec(
         item_fields=(

@@ -326,7 +326,7 @@ def read_behaviour(
                 path,
                 "timestamp",
                 rows,
-                timestamp.tolist(),
+                table.column("timestamp").to_pylist(),
                 "goes back in time within a user (earlier than that user's previous row); "
                 "pass --sort to sort the log",
             )
@@ -417,7 +417,7 @@ def prepare(
         "has_truth": False,
         "actions": list(vocabulary),
         "objectives": list(vocabulary),
-        "item_attributes": {a.name: a.buckets for a in attributes},
+        "item_attributes": [{"name": a.name, "cardinality": a.buckets} for a in attributes],
         "cardinalities": {
             "n_items": len(item_table["item_id"]),
             "n_users": len(user_ids),
