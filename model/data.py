@@ -129,6 +129,11 @@ def meta_actions(meta: dict[str, Any]) -> tuple[str, ...]:
     return actions
 
 
+def world_actions(path: Path) -> tuple[str, ...]:
+    """The vocabulary of the world directory at ``path``, from its ``world.json`` alone."""
+    return meta_actions(json.loads((Path(path) / "world.json").read_text()))
+
+
 def schema(name: str, meta: dict[str, Any]) -> dict[str, np.dtype[Any]]:
     """Required columns and types of table ``name`` in a world described by ``meta``."""
     if name == "items" and "item_attributes" in meta:

@@ -9,6 +9,8 @@
 * ``fair`` — published baselines (DIN's activation unit, TWIN with K 50/100/200) and their
   "+mass" variants against the paper's IFA and IFA+degree on world presets the method was not
   tuned on: AUC, GAUC, log loss and ECE per objective with bootstrap intervals over requests.
+  ``--world DIR`` runs it on a world of one's own (``python -m model.prepare``), ``--nets`` on
+  a subset of the networks.
 * ``fair_movielens`` — the same models and metrics on MovieLens 100K, with IFA's ablations.
 * ``ifa_variants`` — IFA+degree, +decay, +channel and both on the tuning world: the demo's network.
 
@@ -69,6 +71,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--presets", nargs="+", default=[], help="world presets of the fair study (default: all)"
     )
+    parser.add_argument(
+        "--world",
+        type=Path,
+        default=None,
+        help="fair: a world directory of your own (python -m model.prepare) instead of presets",
+    )
+    parser.add_argument(
+        "--nets",
+        type=lambda text: tuple(n for n in text.split(",") if n),
+        default=(),
+        help="fair: comma list of the study's networks to run (default: all)",
+    )
     args = parser.parse_args(argv)
     options = Options(
         tuple(args.seeds),
@@ -80,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.burn_in,
         args.cached_only,
         tuple(args.presets),
+        args.world,
+        args.nets,
     )
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -59,14 +60,14 @@ def logs(tmp_path: Path) -> dict[str, Path]:
     return {"impressions": impressions, "behaviour": behaviour, "items": items}
 
 
-def run(logs: dict[str, Path], out: Path, **options: object) -> dict[str, object]:
+def run(logs: dict[str, Path], out: Path, **options: Any) -> dict[str, Any]:
     return prepare(
         logs["impressions"],
         logs["behaviour"],
         logs["items"],
         out,
         item_attributes=("category", "brand"),
-        **options,  # type: ignore[arg-type]
+        **options,
     )
 
 

@@ -125,6 +125,11 @@ class Options:
     """Report on the runs already in the cache and train none (the report lists what ran)."""
     presets: tuple[str, ...] = ()
     """World presets of a multi-world study (empty: the study's own list)."""
+    world: Path | None = None
+    """A world directory of one's own (``python -m model.prepare``) to run the study on instead
+    of generated worlds (the fair study)."""
+    nets: tuple[str, ...] = ()
+    """The networks of the study to run (empty: all of them)."""
 
     @property
     def suffix(self) -> str:
