@@ -542,15 +542,15 @@ def write_example(out: Path, seed: int = 0, n_users: int = 40, n_items: int = 15
     behaviour = ["user_id,item_id,action,timestamp"]
     start = 1_700_000_000.0
     request_id = 0
-    for slot in range(12):
+    for slot in range(15):
         for user in range(n_users):
             request_id += 1
-            when = start + 3600.0 * slot + 10.0 * user
+            when = start + 3600.0 * slot + 30.0 * user
             shown_items = rng.choice(n_items, 10, replace=False)
             for rank, item in enumerate(shown_items):
                 shown = int(rank < 6 or rng.random() < 0.3)
                 liked = item_category[item] in favourite[user]
-                click = shown * int(rng.random() < (0.55 if liked else 0.08))
+                click = shown * int(rng.random() < (0.6 if liked else 0.04))
                 cart = click * int(rng.random() < 0.4)
                 purchase = cart * int(rng.random() < 0.5)
                 labels = f"{shown},{click},{cart},{purchase}"
