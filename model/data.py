@@ -130,8 +130,10 @@ def meta_actions(meta: dict[str, Any]) -> tuple[str, ...]:
 
 
 def world_actions(path: Path) -> tuple[str, ...]:
-    """The vocabulary of the world directory at ``path``, from its ``world.json`` alone."""
-    return meta_actions(json.loads((Path(path) / "world.json").read_text()))
+    """The vocabulary of the world directory at ``path``, from its ``world.json`` alone (the
+    default vocabulary where there is none: bare event tables, as seeding accepts)."""
+    meta_file = Path(path) / "world.json"
+    return meta_actions(json.loads(meta_file.read_text()) if meta_file.is_file() else {})
 
 
 def schema(name: str, meta: dict[str, Any]) -> dict[str, np.dtype[Any]]:
