@@ -23,8 +23,9 @@ A *world* is one directory, written by :mod:`model.world` (synthetic) or :mod:`m
                         Grouped by request, in request order.
 ``world.json``          preset, seed, sizes, cardinalities for the feature spec, which columns are
                         observable, a description of the mechanisms, and the vocabulary:
-                        ``actions`` (impression first; every action is an objective, so
-                        ``objectives``, where present, repeats it). A world without ``actions``
+                        ``actions`` (event action values index it; every action is an
+                        objective, so ``objectives``, where present, lists them impression
+                        first). A world without ``actions``
                         predates declared vocabularies and reads as
                         :data:`model.features.ACTIONS`.
 
@@ -53,6 +54,7 @@ from model.features import (
     check_actions,
     default_spec,
     known_id_tuple,
+    objectives_of,
 )
 from model.metrics import objective_aucs
 
@@ -120,11 +122,11 @@ def meta_actions(meta: dict[str, Any]) -> tuple[str, ...]:
     """The action vocabulary ``world.json`` declares; the default one where it declares none
     (worlds written before vocabularies were declared)."""
     actions = check_actions(meta.get("actions", ACTIONS))
-    objectives = tuple(meta.get("objectives", actions))
-    if objectives != actions:
+    expected = objectives_of(actions)
+    if tuple(meta.get("objectives", expected)) != expected:
         raise ValueError(
-            f"world.json objectives {list(objectives)} differ from its actions {list(actions)}: "
-            "every action is an objective"
+            f"world.json objectives {meta['objectives']} are not {list(expected)}: every action "
+            "is an objective, impression first"
         )
     return actions
 
@@ -143,7 +145,7 @@ def schema(name: str, meta: dict[str, Any]) -> dict[str, np.dtype[Any]]:
         return {c: np.dtype(np.int64) for c in ("item_id", *names)}
     if name != "candidates":
         return SCHEMAS[name]
-    objectives = meta_actions(meta)
+    objectives = objectives_of(meta_actions(meta))
     return {
         **{c: d for c, d in SCHEMAS[name].items() if c[:2] not in ("p_", "y_")},
         **{c: np.dtype(np.float32) for c in probability_columns(objectives)},
@@ -226,12 +228,13 @@ class World:
 
     @property
     def actions(self) -> tuple[str, ...]:
-        """The event vocabulary, impression first; also the objectives, in column order."""
+        """The event vocabulary: ``events.parquet``'s action values index it."""
         return meta_actions(self.meta)
 
     @property
     def objectives(self) -> tuple[str, ...]:
-        return self.actions
+        """Impression, then the other actions: the label and probability columns' order."""
+        return objectives_of(self.actions)
 
     @property
     def has_truth(self) -> bool:

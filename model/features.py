@@ -40,20 +40,24 @@ predate declared vocabularies and keep loading). A world declares its own in ``w
 
 OBJECTIVES: tuple[str, ...] = ACTIONS
 """The default model outputs, in column order: p(impression) then p(action | impression) per
-action. Every action is an objective, so a vocabulary's objectives are its actions."""
+action. Every action is an objective (:func:`objectives_of`)."""
 
 
 def check_actions(actions: Sequence[str]) -> tuple[str, ...]:
-    """A vocabulary as the model needs it: ``impression`` first (the ESMM base every other
-    action is conditioned on), then at least one action, names unique and non-empty."""
+    """A vocabulary as the model needs it: ``impression`` (the ESMM base every other action is
+    conditioned on) and at least one more action, names unique and non-empty, in any order
+    (the order is the events' action indices; stores map vocabularies by name)."""
     names = tuple(str(a) for a in actions)
-    if len(names) < 2 or names[0] != "impression":
-        raise ValueError(
-            f"actions {list(names)}: the first must be 'impression', then at least one action"
-        )
+    if "impression" not in names or len(names) < 2:
+        raise ValueError(f"actions {list(names)}: need 'impression' and at least one more action")
     if len(set(names)) != len(names) or not all(n.strip() for n in names):
         raise ValueError(f"actions {list(names)}: names must be unique and non-empty")
     return names
+
+
+def objectives_of(actions: Sequence[str]) -> tuple[str, ...]:
+    """The output columns of a vocabulary: impression, then its other actions in order."""
+    return ("impression", *(a for a in actions if a != "impression"))
 
 
 DEFAULT_MAX_HISTORY = 1000
@@ -146,8 +150,8 @@ class FeatureSpec:
 
     @property
     def objectives(self) -> tuple[str, ...]:
-        """Output columns: p(impression), then p(action | impression) per further action."""
-        return self.actions
+        """Output columns: p(impression), then p(action | impression) per other action."""
+        return objectives_of(self.actions)
 
     @property
     def action_field(self) -> Field:

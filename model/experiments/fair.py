@@ -51,7 +51,7 @@ from model.experiments.common import (
     run_grid,
     training_seconds,
 )
-from model.features import OBJECTIVES
+from model.features import OBJECTIVES, objectives_of
 from model.metrics import request_index, roc_auc
 
 FAIR_NETS: tuple[str, ...] = (
@@ -178,7 +178,7 @@ def score_world(
 
     None when there is no run at all (``--cached-only`` before anything was trained)."""
     grid = run_grid(options, world, nets, options.seeds, protocol, options.workers)
-    objectives = world_actions(world)
+    objectives = objectives_of(world_actions(world))
     seeds = {net: sorted(grid[net]) for net in nets if grid[net]}
     if not seeds:
         return None
@@ -529,7 +529,7 @@ def study_nets(options: Options, nets: Sequence[str]) -> tuple[str, ...]:
 
 def fair_world(options: Options, world: Path) -> Report:
     """The fair comparison on one world of one's own: its logged outcomes, no oracle."""
-    objectives = world_actions(world)
+    objectives = objectives_of(world_actions(world))
     if SELECTION[0] not in objectives:
         raise ValueError(
             f"the fair comparison picks the best baseline by {SELECTION[0]} GAUC; "
