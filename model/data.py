@@ -4,23 +4,30 @@ A *world* is one directory, written by :mod:`model.world` (synthetic) or :mod:`m
 (real ratings), that every trainer, evaluator and the service read the same way:
 
 ``items.parquet``       item_id int64 (sorted), category int64, author int64, topic int64, plus
-                        latent or descriptive columns (``world.json`` says which are observable).
+                        latent or descriptive columns (``world.json`` says which are observable);
+                        or, where ``world.json`` declares ``item_attributes`` (a prepared log,
+                        :mod:`model.prepare`), item_id and those int64 attribute columns.
 ``users.parquet``       user_id int64 (sorted), profile columns (``age_group``, ``gender``, ...).
-``events.parquet``      user_id int64, item_id int64, action int8 (index into
-                        :data:`model.features.ACTIONS`), timestamp float64 unix seconds; sorted by
+``events.parquet``      user_id int64, item_id int64, action int8 (index into the world's
+                        action vocabulary), timestamp float64 unix seconds; sorted by
                         user then time, timestamps strictly increasing per user.
 ``requests.parquet``    request_id int64, user_id int64, request_time float64,
                         history_start / history_end int64: the row range of ``events.parquet``
                         holding that user's events with ``timestamp < request_time``. Rows are in
                         global ``request_time`` order, the order in which the stream is replayed.
 ``candidates.parquet``  request_id, item_id int64, source int8 (index into
-                        ``world.json["candidate_sources"]``), p_impression, p_click, p_long_view,
-                        p_like float32 (the action probabilities are *conditional on impression*;
-                        NaN where the world has no ground truth), y_impression, y_click,
-                        y_long_view, y_like int8 (action labels are joint: y_a = 1 implies
-                        y_impression = 1). Grouped by request, in request order.
+                        ``world.json["candidate_sources"]``), ``p_<objective>`` float32 per
+                        objective (p_impression, then the action probabilities *conditional on
+                        impression*; NaN where the world has no ground truth), ``y_<objective>``
+                        int8 (action labels are joint: y_a = 1 implies y_impression = 1).
+                        Grouped by request, in request order.
 ``world.json``          preset, seed, sizes, cardinalities for the feature spec, which columns are
-                        observable, and a description of the mechanisms.
+                        observable, a description of the mechanisms, and the vocabulary:
+                        ``actions`` (event action values index it; every action is an
+                        objective, so ``objectives``, where present, lists them impression
+                        first). A world without ``actions``
+                        predates declared vocabularies and reads as
+                        :data:`model.features.ACTIONS`.
 
 Histories are stored once and sliced per request (``history_start:history_end``), never copied
 into samples.
@@ -32,7 +39,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -41,7 +48,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.batch import Batch, Request, collate
-from model.features import ACTIONS, OBJECTIVES, FeatureSpec, default_spec
+from model.features import (
+    ACTIONS,
+    OBJECTIVES,
+    FeatureSpec,
+    Field,
+    check_actions,
+    default_spec,
+    known_id_tuple,
+    objectives_of,
+)
 from model.metrics import objective_aucs
 
 Table = dict[str, np.ndarray]
@@ -87,23 +103,69 @@ SCHEMAS: dict[str, dict[str, np.dtype[Any]]] = {
         **{f"y_{name}": np.dtype(np.int8) for name in OBJECTIVES},
     },
 }
-
-PROBABILITY_COLUMNS: tuple[str, ...] = tuple(f"p_{name}" for name in OBJECTIVES)
-"""p_impression, then p(action | impression) per action, in OBJECTIVES order."""
-LABEL_COLUMNS: tuple[str, ...] = tuple(f"y_{name}" for name in OBJECTIVES)
-"""y_impression, then the joint action labels, in OBJECTIVES order."""
+"""The default vocabulary's schemas; :func:`schema` gives any world's."""
 
 
-def _conform(name: str, table: Table) -> Table:
+def probability_columns(objectives: tuple[str, ...] = OBJECTIVES) -> tuple[str, ...]:
+    """p_impression, then p(action | impression) per action, in objective order."""
+    return tuple(f"p_{name}" for name in objectives)
+
+
+def label_columns(objectives: tuple[str, ...] = OBJECTIVES) -> tuple[str, ...]:
+    """y_impression, then the joint action labels, in objective order."""
+    return tuple(f"y_{name}" for name in objectives)
+
+
+PROBABILITY_COLUMNS: tuple[str, ...] = probability_columns()
+LABEL_COLUMNS: tuple[str, ...] = label_columns()
+
+
+def meta_actions(meta: dict[str, Any]) -> tuple[str, ...]:
+    """The action vocabulary ``world.json`` declares; the default one where it declares none
+    (worlds written before vocabularies were declared)."""
+    actions = check_actions(meta.get("actions", ACTIONS))
+    expected = objectives_of(actions)
+    if tuple(meta.get("objectives", expected)) != expected:
+        raise ValueError(
+            f"world.json objectives {meta['objectives']} are not {list(expected)}: every action "
+            "is an objective, impression first"
+        )
+    return actions
+
+
+def world_actions(path: Path) -> tuple[str, ...]:
+    """The vocabulary of the world directory at ``path``, from its ``world.json`` alone (the
+    default vocabulary where there is none: bare event tables, as seeding accepts)."""
+    meta_file = Path(path) / "world.json"
+    return meta_actions(json.loads(meta_file.read_text()) if meta_file.is_file() else {})
+
+
+def schema(name: str, meta: dict[str, Any]) -> dict[str, np.dtype[Any]]:
+    """Required columns and types of table ``name`` in a world described by ``meta``."""
+    if name == "items" and "item_attributes" in meta:
+        names = [a["name"] for a in meta["item_attributes"]]
+        return {c: np.dtype(np.int64) for c in ("item_id", *names)}
+    if name != "candidates":
+        return SCHEMAS[name]
+    objectives = objectives_of(meta_actions(meta))
+    return {
+        **{c: d for c, d in SCHEMAS[name].items() if c[:2] not in ("p_", "y_")},
+        **{c: np.dtype(np.float32) for c in probability_columns(objectives)},
+        **{c: np.dtype(np.int8) for c in label_columns(objectives)},
+    }
+
+
+def _conform(name: str, table: Table, meta: dict[str, Any] | None = None) -> Table:
     """Cast required columns to their schema types; raise naming any missing column."""
+    required = schema(name, meta or {})
     out = {k: np.asarray(v) for k, v in table.items()}
-    missing = [c for c in SCHEMAS[name] if c not in out]
+    missing = [c for c in required if c not in out]
     if missing:
         raise ValueError(f"{name} table lacks required columns {missing}")
     lengths = {len(v) for v in out.values()}
     if len(lengths) > 1:
         raise ValueError(f"{name} table columns differ in length: {sorted(lengths)}")
-    for column, dtype in SCHEMAS[name].items():
+    for column, dtype in required.items():
         out[column] = out[column].astype(dtype, copy=False)
     return out
 
@@ -143,11 +205,11 @@ class World:
     _features: dict[FeatureSpec, _Features] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.items = _sorted_by(_conform("items", self.items), "item_id")
+        self.items = _sorted_by(_conform("items", self.items, self.meta), "item_id")
         self.users = _sorted_by(_conform("users", self.users), "user_id")
         self.events = _conform("events", self.events)
         self.requests = _conform("requests", self.requests)
-        self.candidates = _conform("candidates", self.candidates)
+        self.candidates = _conform("candidates", self.candidates, self.meta)
         request_ids, wanted = self.requests["request_id"], self.candidates["request_id"]
         # Candidates must follow request row order; re-group them (stably) if they do not.
         rows, found = _lookup(request_ids, wanted, sorter=np.argsort(request_ids, kind="stable"))
@@ -165,6 +227,16 @@ class World:
     @property
     def n_requests(self) -> int:
         return len(self.requests["request_id"])
+
+    @property
+    def actions(self) -> tuple[str, ...]:
+        """The event vocabulary: ``events.parquet``'s action values index it."""
+        return meta_actions(self.meta)
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        """Impression, then the other actions: the label and probability columns' order."""
+        return objectives_of(self.actions)
 
     @property
     def has_truth(self) -> bool:
@@ -207,7 +279,8 @@ class World:
     def _featurise(self, spec: FeatureSpec) -> _Features:
         item_rows = spec.item_rows({n: self.items[n] for n in spec.item_names if n in self.items})
         user_rows = spec.user_rows({n: self.users[n] for n in spec.user_names if n in self.users})
-        labels = np.stack([self.candidates[c] for c in LABEL_COLUMNS], axis=1).astype(np.float32)
+        labels = np.stack([self.candidates[c] for c in label_columns(self.objectives)], axis=1)
+        labels = labels.astype(np.float32)
         return _Features(
             item_rows=item_rows,
             user_rows=user_rows,
@@ -304,7 +377,7 @@ class WorldWriter:
         self._events.close()
         tables = {"items": items, "users": users, "requests": requests, "candidates": candidates}
         for name, table in tables.items():
-            pq.write_table(_arrow(_conform(name, table)), self.path / TABLE_FILES[name])
+            pq.write_table(_arrow(_conform(name, table, meta)), self.path / TABLE_FILES[name])
         meta = {**meta, "format_version": FORMAT_VERSION}
         (self.path / "world.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
@@ -375,8 +448,9 @@ def validate_world(world: World) -> None:
         raise ValueError("events are not sorted by user_id")
     if np.any(same_user & (np.diff(times) <= 0)):
         raise ValueError("event timestamps are not strictly increasing per user")
-    if not np.all(ev["action"] >= 0) or not np.all(ev["action"] < len(ACTIONS)):
-        raise ValueError(f"event actions outside 0..{len(ACTIONS) - 1}")
+    n_actions = len(world.actions)
+    if not np.all(ev["action"] >= 0) or not np.all(ev["action"] < n_actions):
+        raise ValueError(f"event actions outside 0..{n_actions - 1} ({list(world.actions)})")
     if np.any(np.diff(rq["request_time"]) < 0):
         raise ValueError("requests are not in request_time order")
     start, end = rq["history_start"], rq["history_end"]
@@ -407,7 +481,9 @@ def spec_for_world(world: World, id_dim: int = 16, attribute_dim: int = 8) -> Fe
     """
     card = world.cardinalities
     items, users = world.items, world.users
-    return default_spec(
+    if "item_attributes" in world.meta:
+        return _declared_spec(world, id_dim, attribute_dim)
+    spec = default_spec(
         n_categories=int(card["n_categories"]),
         n_authors=_unseen_buckets(int(card["n_authors"])),
         item_buckets=_unseen_buckets(int(card["n_items"])),
@@ -418,6 +494,37 @@ def spec_for_world(world: World, id_dim: int = 16, attribute_dim: int = 8) -> Fe
         item_ids=items["item_id"],
         user_ids=users["user_id"],
         author_ids=items["author"],
+    )
+    return replace(spec, actions=world.actions)
+
+
+def _declared_spec(world: World, id_dim: int, attribute_dim: int) -> FeatureSpec:
+    """A prepared log's spec: item id, then the item attributes ``world.json`` declares (each a
+    vocabulary of its recorded cardinality, in declared order), user id and no profile."""
+    # A list, not a mapping: world.json is written with sorted keys, and the order is the spec's.
+    attributes = {str(a["name"]): int(a["cardinality"]) for a in world.meta["item_attributes"]}
+    n_items, n_users = len(world.items["item_id"]), len(world.users["user_id"])
+    return FeatureSpec(
+        item_fields=(
+            Field(
+                "item_id",
+                "hashed",
+                _unseen_buckets(n_items),
+                id_dim,
+                known_id_tuple(world.items["item_id"]),
+            ),
+            *(Field(name, "vocab", card, attribute_dim) for name, card in attributes.items()),
+        ),
+        user_fields=(
+            Field(
+                "user_id",
+                "hashed",
+                _unseen_buckets(n_users),
+                id_dim,
+                known_id_tuple(world.users["user_id"]),
+            ),
+        ),
+        actions=world.actions,
     )
 
 
@@ -434,7 +541,8 @@ def _request_rows(world: World, request_rows: np.ndarray | range | None) -> np.n
 
 def _joint_truth(world: World, candidate_rows: np.ndarray | slice) -> np.ndarray:
     """(n, n_objectives) float64: p_impression, then joint p_impression · p(action | imp)."""
-    p = np.stack([world.candidates[c][candidate_rows] for c in PROBABILITY_COLUMNS], axis=1)
+    columns = probability_columns(world.objectives)
+    p = np.stack([world.candidates[c][candidate_rows] for c in columns], axis=1)
     p = p.astype(np.float64)
     p[:, 1:] *= p[:, :1]
     return p
@@ -483,8 +591,8 @@ def request_stream(
     """Featurised requests in request_time order (or in the order of ``request_rows``).
 
     Each request's events are its user's events before ``request_time``, oldest first; with
-    ``max_history`` only the most recent ``max_history`` are kept. Labels are (M, 4) float32 in
-    :data:`model.features.OBJECTIVES` order. With ``with_truth`` yields ``(request, truth)`` with
+    ``max_history`` only the most recent ``max_history`` are kept. Labels are (M, n_objectives)
+    float32 in the world's objective order. With ``with_truth`` yields ``(request, truth)`` with
     ``truth`` as in :func:`request_truth`.
     """
     features = world.features(spec)
@@ -554,6 +662,7 @@ def batches(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     n_event_fields, n_item_fields = len(spec.event_fields), len(spec.item_fields)
+    n_objectives = len(world.objectives)
 
     def generate() -> Iterator[Any]:
         pending: list[tuple[Request, np.ndarray]] = []
@@ -562,10 +671,10 @@ def batches(
         ):
             pending.append((request, truth))
             if len(pending) == batch_size:
-                yield _collate(pending, n_event_fields, n_item_fields, with_truth)
+                yield _collate(pending, n_event_fields, n_item_fields, n_objectives, with_truth)
                 pending = []
         if pending:
-            yield _collate(pending, n_event_fields, n_item_fields, with_truth)
+            yield _collate(pending, n_event_fields, n_item_fields, n_objectives, with_truth)
 
     return generate()
 
@@ -574,12 +683,13 @@ def _collate(
     pending: list[tuple[Request, np.ndarray]],
     n_event_fields: int,
     n_item_fields: int,
+    n_objectives: int,
     with_truth: bool,
 ) -> Batch | tuple[Batch, np.ndarray]:
     batch = collate([r for r, _ in pending], n_event_fields, n_item_fields)
     if not with_truth:
         return batch
-    truth = np.zeros((batch.size, batch.candidates.shape[1], len(OBJECTIVES)), dtype=np.float32)
+    truth = np.zeros((batch.size, batch.candidates.shape[1], n_objectives), dtype=np.float32)
     for i, (_, t) in enumerate(pending):
         truth[i, : len(t)] = t
     return batch, truth
@@ -601,8 +711,8 @@ def oracle_auc(world: World, request_rows: np.ndarray | range | None = None) -> 
     cand = np.concatenate(
         [np.zeros(0, dtype=np.int64), *(np.arange(offsets[r], offsets[r + 1]) for r in rows)]
     )
-    labels = np.stack([world.candidates[c][cand] for c in LABEL_COLUMNS], axis=1)
-    return objective_aucs(labels, _joint_truth(world, cand))
+    labels = np.stack([world.candidates[c][cand] for c in label_columns(world.objectives)], axis=1)
+    return objective_aucs(labels, _joint_truth(world, cand), world.objectives)
 
 
 # -- catalogue and histories for the exporter and the service ------------------------------
@@ -612,7 +722,7 @@ def observable_columns(world: World, table: Literal["items", "users"]) -> list[s
     """Columns a model may see (``world.json["observable"]``); latent truth columns excluded."""
     observable = world.meta.get("observable", {}).get(table)
     if observable is None:
-        return list(SCHEMAS[table])
+        return list(schema(table, world.meta))
     return [c for c in observable if c in getattr(world, table)]
 
 

@@ -9,6 +9,8 @@
 * ``fair`` — published baselines (DIN's activation unit, TWIN with K 50/100/200) and their
   "+mass" variants against the paper's IFA and IFA+degree on world presets the method was not
   tuned on: AUC, GAUC, log loss and ECE per objective with bootstrap intervals over requests.
+  ``--world DIR`` runs it on a world of one's own (``python -m model.prepare``), ``--nets`` on
+  a subset of the networks.
 * ``fair_movielens`` — the same models and metrics on MovieLens 100K, with IFA's ablations.
 * ``ifa_variants`` — IFA+degree, +decay, +channel and both on the tuning world: the demo's network.
 * ``curve`` — the fair study's networks on one study world at 17× its requests, one streaming pass:
@@ -85,7 +87,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=[],
         help="world presets of the fair study (default: all); the base preset of curve, cross",
     )
-    parser.add_argument("--nets", nargs="+", default=[], help="networks (default: the study's)")
+    parser.add_argument(
+        "--nets",
+        nargs="+",
+        default=[],
+        help="networks of the study, space- or comma-separated (default: the study's own list)",
+    )
     parser.add_argument(
         "--unit-users",
         type=int,
@@ -95,6 +102,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--cross-units",
         type=int,
         help="cross: world size in units of the study's requests, the last one scored (default 4)",
+    )
+    parser.add_argument(
+        "--world",
+        type=Path,
+        default=None,
+        help="fair: a world directory of your own (python -m model.prepare) instead of presets",
     )
     args = parser.parse_args(argv)
     seeds = tuple(args.seeds) if args.seeds else DEFAULT_SEEDS.get(args.name, SEEDS)
@@ -108,9 +121,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.burn_in,
         args.cached_only,
         tuple(args.presets),
-        tuple(args.nets),
+        tuple(net for arg in args.nets for net in arg.split(",") if net),
         args.unit_users,
         args.cross_units,
+        args.world,
     )
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)

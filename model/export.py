@@ -53,14 +53,14 @@ from model.artifact import (
 )
 from model.catalogue import Catalogue
 from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from model.features import DEFAULT_MAX_HISTORY, OBJECTIVES, FeatureSpec, Field
+from model.features import DEFAULT_MAX_HISTORY, FeatureSpec, Field
 from model.nets import config_of
 from model.nets.ifa import IFA
 from model.serving import (
-    DEFAULT_FUSION,
     ServingEncoder,
     ServingScorer,
     bf16_scorer,
+    default_fusion,
     fusion_vector,
     serving_programs,
 )
@@ -247,7 +247,8 @@ def export_artifact(
 
     ``precisions``: the scorers each format holds ("fp32" always; "bf16" adds the bf16 one).
 
-    ``fusion`` defaults to the checkpoint's ``metadata["fusion"]``, else click only. The
+    ``fusion`` (weights by action name) defaults to the checkpoint's ``metadata["fusion"]``,
+    else the vocabulary's first action only (click in the default one). The
     catalogue is re-featurised under the checkpoint's spec. Raises :class:`ExportError` when a
     required format (any but AOTInductor) fails to build or to verify.
     """
@@ -259,10 +260,13 @@ def export_artifact(
             f"only IFA splits into an encoder and a scorer; "
             f"{checkpoint.net_name!r} cannot be served"
         )
+    objectives = checkpoint.spec.objectives
     fusion = dict(
-        fusion if fusion is not None else checkpoint.metadata.get("fusion", DEFAULT_FUSION)
+        fusion
+        if fusion is not None
+        else checkpoint.metadata.get("fusion", default_fusion(objectives))
     )
-    fusion_vector(fusion)  # validates the names before any work
+    fusion_vector(fusion, objectives)  # validates the names before any work
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     say = log or (lambda _message: None)
@@ -359,7 +363,7 @@ def _build(
         net=checkpoint.net_name,
         net_config=config_of(net),
         spec=spec.to_dict(),
-        objectives=list(OBJECTIVES),
+        objectives=list(spec.objectives),
         actions=list(spec.actions),
         fusion={k: float(v) for k, v in fusion.items()},
         heads=config.heads,

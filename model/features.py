@@ -33,10 +33,32 @@ OOV_INDEX = 1
 RESERVED_ROWS = 2
 
 ACTIONS: tuple[str, ...] = ("impression", "click", "long_view", "like")
-"""Behaviour-event action vocabulary, in index order."""
+"""The default behaviour-event vocabulary, in index order: the synthetic worlds' and
+MovieLens's, and what a world, checkpoint or artefact that declares none was made with (they
+predate declared vocabularies and keep loading). A world declares its own in ``world.json``
+(``"actions"``); see :func:`check_actions`."""
 
-OBJECTIVES: tuple[str, ...] = ("impression", "click", "long_view", "like")
-"""Model outputs, in column order: p(impression) then p(action | impression) per action."""
+OBJECTIVES: tuple[str, ...] = ACTIONS
+"""The default model outputs, in column order: p(impression) then p(action | impression) per
+action. Every action is an objective (:func:`objectives_of`)."""
+
+
+def check_actions(actions: Sequence[str]) -> tuple[str, ...]:
+    """A vocabulary as the model needs it: ``impression`` (the ESMM base every other action is
+    conditioned on) and at least one more action, names unique and non-empty, in any order
+    (the order is the events' action indices; stores map vocabularies by name)."""
+    names = tuple(str(a) for a in actions)
+    if "impression" not in names or len(names) < 2:
+        raise ValueError(f"actions {list(names)}: need 'impression' and at least one more action")
+    if len(set(names)) != len(names) or not all(n.strip() for n in names):
+        raise ValueError(f"actions {list(names)}: names must be unique and non-empty")
+    return names
+
+
+def objectives_of(actions: Sequence[str]) -> tuple[str, ...]:
+    """The output columns of a vocabulary: impression, then its other actions in order."""
+    return ("impression", *(a for a in actions if a != "impression"))
+
 
 DEFAULT_MAX_HISTORY = 1000
 """The history window: training keeps each request's most recent events, and the service keeps
@@ -124,6 +146,12 @@ class FeatureSpec:
             Field("day_of_week", "vocab", 7, self.time_dim),
         )
         object.__setattr__(self, "event_time_fields", time_fields)
+        object.__setattr__(self, "actions", check_actions(self.actions))
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        """Output columns: p(impression), then p(action | impression) per other action."""
+        return objectives_of(self.actions)
 
     @property
     def action_field(self) -> Field:
@@ -220,7 +248,7 @@ class FeatureSpec:
 
         action_dim = data.get("action_dim", 8)
         time_dim = data.get("time_dim", 4)
-        actions = data.get("actions", list(ACTIONS))
+        actions = data.get("actions", list(ACTIONS))  # specs saved before vocabularies
         assert isinstance(action_dim, int) and isinstance(time_dim, int)
         assert isinstance(actions, list)
         return cls(

@@ -194,8 +194,16 @@ class CandidateHead(nn.Module):
     that the network's sequence module produced.
     """
 
-    def __init__(self, user_dim: int, item_dim: int, interest_dim: int, config: NetConfig):
+    def __init__(
+        self,
+        user_dim: int,
+        item_dim: int,
+        interest_dim: int,
+        config: NetConfig,
+        objectives: tuple[str, ...] = OBJECTIVES,
+    ):
         super().__init__()
+        self.objectives = objectives
         self.use_ram = config.use_ram
         set_dim = 0
         if config.use_ram:
@@ -203,7 +211,7 @@ class CandidateHead(nn.Module):
             set_dim = self.ram.out_dim
         # Typed as a module: serving may swap in a bf16 copy (model.serving.bf16_scorer).
         self.towers: nn.Module = Towers(
-            user_dim + item_dim + interest_dim + set_dim, config.tower_hidden
+            user_dim + item_dim + interest_dim + set_dim, config.tower_hidden, objectives
         )
 
     def forward(self, user: Tensor, candidates: Tensor, interest: Tensor, mask: Tensor) -> Tensor:
@@ -330,7 +338,11 @@ class InterestNet(nn.Module, ABC):
         self.query_dim = self.embeddings.item.dim + self.embeddings.user.dim
         self.interest_out = nn.Linear(config.interest_dim, config.interest_dim)
         self.head = CandidateHead(
-            self.embeddings.user.dim, self.embeddings.item.dim, config.interest_dim, config
+            self.embeddings.user.dim,
+            self.embeddings.item.dim,
+            config.interest_dim,
+            config,
+            spec.objectives,
         )
 
     @abstractmethod

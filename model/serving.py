@@ -5,7 +5,8 @@
 * :class:`ServingScorer` — ``(user (F_user,) int64, candidates (M, F_item) int64, S, z) ->
   (probabilities (M, 1 + A), score (M,))`` where probabilities are p(impression) then
   p(action | impression) per action, and score = p(imp) · Σ_a w_a p(a | imp) with the fusion
-  weights (default: click only, i.e. p(imp)·p(click | imp)).
+  weights (default: the first action only, i.e. p(imp)·p(click | imp) in the default
+  vocabulary).
 
 They wrap the very modules the network trains, so exporting them cannot drift from training.
 
@@ -17,7 +18,7 @@ cached state every replica shares, whatever precision each scores in.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,18 +27,21 @@ from model.features import OBJECTIVES
 from model.layers import Towers
 from model.nets.ifa import IFA, CandidateScorer, SequenceEncoder
 
-ACTION_OBJECTIVES: tuple[str, ...] = OBJECTIVES[1:]
-DEFAULT_FUSION: dict[str, float] = {"click": 1.0}
+
+def default_fusion(objectives: Sequence[str] = OBJECTIVES) -> dict[str, float]:
+    """The first action after impression alone: p(imp)·p(click | imp) in the default
+    vocabulary."""
+    return {objectives[1]: 1.0}
 
 
-def fusion_vector(weights: Mapping[str, float]) -> Tensor:
-    """(A,) weights over the action objectives; unknown names are an error."""
-    unknown = set(weights) - set(ACTION_OBJECTIVES)
+def fusion_vector(weights: Mapping[str, float], objectives: Sequence[str] = OBJECTIVES) -> Tensor:
+    """(A,) weights over the action objectives (``objectives[1:]``); unknown names are an
+    error."""
+    actions = tuple(objectives[1:])
+    unknown = set(weights) - set(actions)
     if unknown:
-        raise ValueError(
-            f"unknown fusion objectives {sorted(unknown)}; expected {ACTION_OBJECTIVES}"
-        )
-    return torch.tensor([float(weights.get(name, 0.0)) for name in ACTION_OBJECTIVES])
+        raise ValueError(f"unknown fusion objectives {sorted(unknown)}; expected {list(actions)}")
+    return torch.tensor([float(weights.get(name, 0.0)) for name in actions])
 
 
 class ServingEncoder(nn.Module):
@@ -54,11 +58,15 @@ class ServingEncoder(nn.Module):
 
 
 class ServingScorer(nn.Module):
-    def __init__(self, scorer: CandidateScorer, fusion: Mapping[str, float] = DEFAULT_FUSION):
+    def __init__(self, scorer: CandidateScorer, fusion: Mapping[str, float] | None = None):
         super().__init__()
         self.scorer = scorer
+        objectives = scorer.head.objectives
         self.fusion: Tensor
-        self.register_buffer("fusion", fusion_vector(fusion))
+        self.register_buffer(
+            "fusion",
+            fusion_vector(default_fusion(objectives) if fusion is None else fusion, objectives),
+        )
 
     def forward(
         self, user: Tensor, candidates: Tensor, s: Tensor, z: Tensor
@@ -149,7 +157,7 @@ def bf16_scorer(scorer: ServingScorer) -> ServingScorer:
 
 
 def serving_programs(
-    net: IFA, fusion: Mapping[str, float] = DEFAULT_FUSION, precision: str = "fp32"
+    net: IFA, fusion: Mapping[str, float] | None = None, precision: str = "fp32"
 ) -> tuple[ServingEncoder, ServingScorer]:
     """The encoder and scorer of a trained IFA, in eval mode; ``precision`` ("fp32" or
     "bf16") is the scorer's."""

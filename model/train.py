@@ -89,14 +89,13 @@ class TrainSettings:
 class Predictions:
     """Per evaluated candidate, in stream order: what AUCs and buckets are computed from."""
 
-    scores: np.ndarray  # (n, 4) float32 p_imp, p_imp·p_a
-    labels: np.ndarray  # (n, 4) int8
-    truth: np.ndarray  # (n, 4) float32 true probabilities (NaN without ground truth)
+    scores: np.ndarray  # (n, n_objectives) float32 p_imp, p_imp·p_a
+    labels: np.ndarray  # (n, n_objectives) int8
+    truth: np.ndarray  # (n, n_objectives) float32 true probabilities (NaN without ground truth)
     request_rows: np.ndarray  # (n,) int64 row of the request in the world
 
     @classmethod
-    def empty(cls) -> Predictions:
-        n = len(OBJECTIVES)
+    def empty(cls, n: int = len(OBJECTIVES)) -> Predictions:
         return cls(
             np.zeros((0, n), np.float32),
             np.zeros((0, n), np.int8),
@@ -106,7 +105,7 @@ class Predictions:
 
     @classmethod
     def concat(cls, parts: Sequence[Predictions]) -> Predictions:
-        parts = [cls.empty(), *parts]
+        parts = [cls.empty(parts[0].scores.shape[1] if parts else len(OBJECTIVES)), *parts]
         scores, labels, truth, rows = (
             np.concatenate([getattr(p, name) for p in parts])
             for name in ("scores", "labels", "truth", "request_rows")
@@ -376,11 +375,12 @@ def _summarise(
         for epoch in range(settings.epochs)
     ]
     first = passes[0]
-    auc_by_pass = [objective_aucs(p.labels, p.scores) for p in passes]
+    objectives = spec.objectives
+    auc_by_pass = [objective_aucs(p.labels, p.scores, objectives) for p in passes]
     oracle = (
-        objective_aucs(first.labels, first.truth)
+        objective_aucs(first.labels, first.truth, objectives)
         if world.has_truth
-        else {name: math.nan for name in OBJECTIVES}
+        else {name: math.nan for name in objectives}
     )
     lengths = (world.requests["history_end"] - world.requests["history_start"])[first.request_rows]
     stream_length = min(world.n_requests, settings.max_requests or world.n_requests)
@@ -405,11 +405,13 @@ def _summarise(
         auc=auc_by_pass[0],
         oracle_auc=oracle,
         auc_by_pass=auc_by_pass,
-        auc_second_half=objective_aucs(first.labels[late], first.scores[late]),
+        auc_second_half=objective_aucs(first.labels[late], first.scores[late], objectives),
         history_edges=edges,
-        auc_by_history=bucketed_aucs(first.labels, first.scores, lengths, edges),
+        auc_by_history=bucketed_aucs(first.labels, first.scores, lengths, edges, objectives),
         oracle_by_history=(
-            bucketed_aucs(first.labels, first.truth, lengths, edges) if world.has_truth else []
+            bucketed_aucs(first.labels, first.truth, lengths, edges, objectives)
+            if world.has_truth
+            else []
         ),
         losses=[float(x) for x in losses],
         samples_per_second=requests / model_seconds if model_seconds else math.nan,
@@ -455,7 +457,7 @@ def summary_table(result: RunResult) -> str:
         "| objective  | AUC    | oracle AUC |",
         "|------------|--------|------------|",
     ]
-    for name in OBJECTIVES:
+    for name in result.auc:
         lines.append(f"| {name:<10} | {result.auc[name]:.4f} | {result.oracle_auc[name]:.4f}     |")
     lines += [
         "",

@@ -27,7 +27,6 @@ from service.stores.layout import ActionMapping, LayoutMismatch, StoreLayout
 from service.stores.records import EventLog
 
 T = TypeVar("T")
-API_OBJECTIVES = ("impression", "click", "long_view", "like")
 
 
 @dataclass(frozen=True)
@@ -62,9 +61,7 @@ class ModelRuntime:
         indices); the identity until :meth:`bind_layout`, which every serving path runs first."""
         self._layout_bound = False
         self.objectives: tuple[str, ...] = tuple(manifest.objectives)
-        if self.objectives != API_OBJECTIVES:
-            # The wire format names these four probabilities (DESIGN §5).
-            raise ValueError(f"model objectives {self.objectives}; the API serves {API_OBJECTIVES}")
+        """The model's vocabulary names /rank's probabilities and /events' actions (DESIGN §5)."""
         self.fusion: dict[str, float] = {
             str(name): float(weight) for name, weight in dict(manifest.fusion).items()
         }

@@ -96,21 +96,16 @@ def unique_candidates(ids: list[int]) -> list[int]:
     return ids
 
 
-class Probabilities(BaseModel):
-    impression: float = Field(description="p(impression | candidate, set, user).")
-    click: float = Field(description="p(click | impression).")
-    long_view: float = Field(description="p(long view | impression).")
-    like: float = Field(description="p(like | impression).")
-
-
 class RankedItem(BaseModel):
     item_id: int = Field(description="Candidate id, as sent.")
     score: float = Field(
         description="Ranking score: p(impression) · Σ_a w_a p(a | impression) with the model's "
         "fusion weights (GET /model; default p(impression)·p(click | impression))."
     )
-    probabilities: Probabilities = Field(
-        description="Per objective: p(impression), then p(action | impression)."
+    probabilities: dict[str, float] = Field(
+        description="Per objective of the model's vocabulary (GET /model lists them): "
+        "p(impression), then p(action | impression); impression, click, long_view and like in "
+        "the default vocabulary."
     )
 
 

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from model.data import TABLE_FILES
-from model.features import ACTIONS
+from model.data import TABLE_FILES, world_actions
 from service.stores.base import SeedHistories
 from service.stores.records import pack_records
 
@@ -26,19 +25,21 @@ def load_seed(
 ) -> SeedHistories:
     """Histories of ``world_dir/events.parquet`` and profiles of ``users.parquet``.
 
-    A world stores actions as indices into :data:`model.features.ACTIONS`; they are re-indexed
-    into the store's vocabulary ``actions`` by name (names it lacks become -1, scored as OOV).
+    A world stores actions as indices into its own vocabulary (``world.json``'s ``actions``, the
+    default vocabulary where it declares none); they are re-indexed into the store's vocabulary
+    ``actions`` by name (names it lacks become -1, scored as OOV).
     Only profile columns in ``profile_fields`` (the model's user fields) are kept.
     """
     events = pq.read_table(world_dir / TABLE_FILES["events"], columns=list(EVENT_COLUMNS))
     user_ids = np.asarray(events.column("user_id").to_numpy(), dtype=np.int64)
     item_ids = np.asarray(events.column("item_id").to_numpy(), dtype=np.int64)
-    world_actions = np.asarray(events.column("action").to_numpy(), dtype=np.int64)
+    stored = np.asarray(events.column("action").to_numpy(), dtype=np.int64)
     timestamps = np.asarray(events.column("timestamp").to_numpy(), dtype=np.float64)
 
-    to_model = np.array([actions.index(a) if a in actions else -1 for a in ACTIONS], np.int64)
-    valid = (world_actions >= 0) & (world_actions < len(ACTIONS))
-    model_actions = np.where(valid, to_model[np.clip(world_actions, 0, len(ACTIONS) - 1)], -1)
+    names = world_actions(world_dir)
+    to_model = np.array([actions.index(a) if a in actions else -1 for a in names], np.int64)
+    valid = (stored >= 0) & (stored < len(names))
+    model_actions = np.where(valid, to_model[np.clip(stored, 0, len(names) - 1)], -1)
 
     order = np.lexsort((timestamps, user_ids))
     user_ids = user_ids[order]

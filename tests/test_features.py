@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from model.features import (
+    ACTIONS,
+    OBJECTIVES,
     OOV_INDEX,
     RESERVED_ROWS,
     FeatureSpec,
     Field,
+    check_actions,
     default_spec,
     mix64,
+    objectives_of,
 )
 from tests.factories import small_spec
 
@@ -81,3 +86,20 @@ def test_spec_with_known_ids_round_trips_through_json():
     again = FeatureSpec.from_dict(json.loads(spec.to_json()))
     assert again == spec
     assert again.item_fields[0].known_ids == (1, 2, 3)
+
+
+def test_a_vocabulary_needs_impression_and_its_objectives_put_it_first() -> None:
+    assert objectives_of(("click", "impression", "cart")) == ("impression", "click", "cart")
+    assert check_actions(["cart", "impression"]) == ("cart", "impression")
+    for bad in (["click", "cart"], ["impression"], ["impression", "click", "click"]):
+        with pytest.raises(ValueError, match="actions"):
+            check_actions(bad)
+
+
+def test_a_spec_saved_without_actions_reads_the_default_vocabulary() -> None:
+    saved = default_spec(n_categories=4, n_authors=8).to_dict()
+    del saved["actions"]
+    spec = FeatureSpec.from_dict(saved)
+    assert spec.actions == ACTIONS and spec.objectives == OBJECTIVES
+    shop = replace(spec, actions=("purchase", "impression", "click"))
+    assert FeatureSpec.from_dict(shop.to_dict()).objectives == ("impression", "purchase", "click")

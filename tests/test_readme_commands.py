@@ -1,7 +1,7 @@
 """The commands the READMEs quote still run: every ``python -m`` entry point of ours that a bash
-block of README.md or deploy/README.md calls answers ``--help`` with exit 0 and knows every flag
-the quote passes, and every quoted ``make`` target exists. Docs and code cannot drift apart
-silently."""
+block of README.md, deploy/README.md or a page of docs/ calls answers ``--help`` with exit 0 and
+knows every flag the quote passes, and every quoted ``make`` target exists. Docs and code cannot
+drift apart silently."""
 
 from __future__ import annotations
 
@@ -16,7 +16,11 @@ from pathlib import Path
 import pytest
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-DOCUMENTS = ("README.md", "deploy/README.md")
+DOCUMENTS = (
+    "README.md",
+    "deploy/README.md",
+    *sorted(str(p.relative_to(REPOSITORY)) for p in (REPOSITORY / "docs").glob("*.md")),
+)
 OUR_PACKAGES = ("service", "model", "loadtest")
 BASH_BLOCK = re.compile(r"^```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
 

@@ -135,6 +135,9 @@ class Options:
     cross_units: int | None = None
     """Cross-category worlds: their size in units; the last unit is evaluated (None: the
     study's default)."""
+    world: Path | None = None
+    """A world directory of one's own (``python -m model.prepare``) to run the study on instead
+    of generated worlds (the fair study)."""
 
     @property
     def suffix(self) -> str:

@@ -41,6 +41,7 @@ from model.bootstrap import (
     replicate_counts,
     two_sided_p,
 )
+from model.data import world_actions
 from model.experiments.common import (
     MOVIELENS,
     SYNTHETIC,
@@ -54,7 +55,7 @@ from model.experiments.common import (
     run_grid,
     training_seconds,
 )
-from model.features import OBJECTIVES
+from model.features import OBJECTIVES, objectives_of
 from model.metrics import CALIBRATION_BINS, request_index, roc_auc
 
 FAIR_NETS: tuple[str, ...] = (
@@ -148,6 +149,8 @@ class Scored:
     """net -> seed -> the run's metrics.json."""
     other_oracles: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     """label -> metric -> objective: oracles with less information than the truth's."""
+    objectives: tuple[str, ...] = OBJECTIVES
+    """The world's objectives, in the predictions' column order."""
 
 
 Oracle = Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -173,12 +176,13 @@ def _evaluate(
     weight: np.ndarray,
     click_weight: np.ndarray,
     counts: np.ndarray,
+    objectives: Sequence[str],
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]:
     """Point metrics and bootstrap replicates of one run: metric -> objective -> value."""
     point: dict[str, dict[str, float]] = {m: {} for m in METRICS}
     reps: dict[str, dict[str, np.ndarray]] = {m: {} for m in METRICS}
     ones = np.ones((1, counts.shape[1]))
-    for k, objective in enumerate(OBJECTIVES):
+    for k, objective in enumerate(objectives):
         stats = RequestStats.of(labels[:, k], scores[:, k], group, weight, click_weight)
         plain, resampled = stats.metrics(ones), stats.metrics(counts)
         for m in ("gauc", "gauc_click", "logloss", "ece"):
@@ -205,6 +209,7 @@ def score_world(
     predictions. None when there is no run at all (``--cached-only`` before anything was
     trained)."""
     grid = run_grid(options, world, nets, options.seeds, protocol, options.workers)
+    objectives = objectives_of(world_actions(world))
     seeds = {net: sorted(grid[net]) for net in nets if grid[net]}
     if not seeds:
         return None
@@ -215,7 +220,7 @@ def score_world(
     other_oracles: dict[str, dict[str, dict[str, float]]] = {}
     counts = np.zeros((0, 0))
     group = weight = click_weight = np.zeros(0)
-    click = OBJECTIVES.index("click")
+    click = objectives.index("click")
     for net, net_seeds in seeds.items():
         per_seed = []
         for seed in net_seeds:
@@ -232,7 +237,9 @@ def score_world(
                 if not np.isnan(p["truth"]).any():
                     truths = {"": p["truth"], **{k: f(p) for k, f in (oracles or {}).items()}}
                     evaluated = {
-                        k: _evaluate(p["labels"], t, group, weight, click_weight, counts[:1])[0]
+                        k: _evaluate(
+                            p["labels"], t, group, weight, click_weight, counts[:1], objectives
+                        )[0]
                         for k, t in truths.items()
                     }
                     oracle = evaluated.pop("")
@@ -240,17 +247,27 @@ def score_world(
             elif not np.array_equal(p["request_rows"], reference):
                 raise ValueError(f"{net} seed {seed} was evaluated on other requests")
             per_seed.append(
-                _evaluate(p["labels"], p["scores"], group, weight, click_weight, counts)
+                _evaluate(p["labels"], p["scores"], group, weight, click_weight, counts, objectives)
             )
-        point[net] = {m: {o: [s[0][m][o] for s in per_seed] for o in OBJECTIVES} for m in METRICS}
+        point[net] = {m: {o: [s[0][m][o] for s in per_seed] for o in objectives} for m in METRICS}
         replicates[net] = {
-            m: {o: np.mean([s[1][m][o] for s in per_seed], axis=0) for o in OBJECTIVES}
+            m: {o: np.mean([s[1][m][o] for s in per_seed], axis=0) for o in objectives}
             for m in METRICS
         }
     assert reference is not None
     runs = {net: grid[net] for net in seeds}
     n_requests = int(group.max()) + 1
-    return Scored(seeds, point, replicates, oracle, n_requests, len(reference), runs, other_oracles)
+    return Scored(
+        seeds,
+        point,
+        replicates,
+        oracle,
+        n_requests,
+        len(reference),
+        runs,
+        other_oracles,
+        objectives,
+    )
 
 
 def paired(scored: Scored, better: str, worse: str, metric: str, objective: str) -> dict[str, Any]:
@@ -294,7 +311,7 @@ def contributions(scored: Scored) -> dict[str, Any]:
             "variant": variant,
             "reference": reference,
             "tests": {
-                m: {o: paired(scored, variant, reference, m, o) for o in OBJECTIVES}
+                m: {o: paired(scored, variant, reference, m, o) for o in scored.objectives}
                 for m in METRICS
             },
         }
@@ -357,7 +374,9 @@ def _gap(g: dict[str, Any]) -> str:
 
 def comparisons(scored: Scored, rivals: Sequence[str], against: str) -> dict[str, Any]:
     return {
-        net: {m: {o: paired(scored, net, against, m, o) for o in OBJECTIVES} for m in METRICS}
+        net: {
+            m: {o: paired(scored, net, against, m, o) for o in scored.objectives} for m in METRICS
+        }
         for net in rivals
         if net in scored.seeds and net != against
     }
@@ -370,7 +389,7 @@ def comparison_table(tests: dict[str, Any], against: str) -> str:
         "|---|---|---|---|---|---|",
     ]
     for net, by_metric in tests.items():
-        for o in OBJECTIVES:
+        for o in by_metric["gauc"]:
             loss = by_metric["logloss"][o]
             lines.append(
                 f"| {LABELS[net]} | {o} | {_gap(by_metric['auc'][o])} | "
@@ -410,7 +429,11 @@ def _world_section(name: str, world: Path, scored: Scored, best: str, tests: dic
         f"World `{world}`; {scored.n_requests:,} evaluated requests, "
         f"{scored.n_candidates:,} candidates."
     )
-    tables = [metric_table(scored, o) for o in ("click", "impression", "long_view", "like")]
+    # The selection objective first, then the rest in the world's order.
+    first = SELECTION[0]
+    tables = [
+        metric_table(scored, o) for o in (first, *(o for o in scored.objectives if o != first))
+    ]
     verdicts = ", ".join(
         f"{LABELS[n]} **{t['gauc']['click']['verdict']}** (click GAUC {_gap(t['gauc']['click'])})"
         for n, t in tests.items()
@@ -486,7 +509,7 @@ def _world_data(scored: Scored, best: str, tests: dict[str, Any]) -> dict[str, A
                     "mean": float(np.mean(values[m][o])),
                     "ci": list(interval(reps[m][o])),
                 }
-                for o in OBJECTIVES
+                for o in scored.objectives
             }
             for m in METRICS
         }
@@ -505,6 +528,8 @@ def _world_data(scored: Scored, best: str, tests: dict[str, Any]) -> dict[str, A
 
 
 def fair(options: Options) -> Report:
+    if options.world is not None:
+        return fair_world(options, options.world)
     presets = options.presets or FAIR_PRESETS
     sections: list[str] = []
     data: dict[str, Any] = {**_header("fair", options.protocol(FAIR), options), "worlds": {}}
@@ -544,6 +569,56 @@ def fair(options: Options) -> Report:
         "Fair comparison: published baselines, +mass variants, IFA (paper), IFA+degree and "
         "IFA's variants",
         [_setup(options.protocol(FAIR), options, N_REPLICATES, what), summary, *sections],
+        data,
+    )
+
+
+def study_nets(options: Options, nets: Sequence[str]) -> tuple[str, ...]:
+    """``options.nets`` where given (each one of ``nets``), else ``nets``."""
+    unknown = sorted(set(options.nets) - set(nets))
+    if unknown:
+        raise ValueError(f"networks {unknown} are not in this study; it has {list(nets)}")
+    chosen = tuple(n for n in nets if n in options.nets) if options.nets else tuple(nets)
+    if not any(n in IFA_ROWS for n in chosen) or all(n in IFA_NETS for n in chosen):
+        raise ValueError("the comparison needs at least one baseline and one IFA row")
+    return chosen
+
+
+def fair_world(options: Options, world: Path) -> Report:
+    """The fair comparison on one world of one's own: its logged outcomes, no oracle."""
+    objectives = objectives_of(world_actions(world))
+    if SELECTION[0] not in objectives:
+        raise ValueError(
+            f"the fair comparison picks the best baseline by {SELECTION[0]} GAUC; "
+            f"{world} has the actions {list(objectives)}"
+        )
+    protocol = options.protocol(FAIR)
+    nets = study_nets(options, FAIR_NETS)
+    scored = score_world(options, world, protocol, nets, N_REPLICATES)
+    if scored is None:
+        raise RuntimeError(f"no runs on {world}: train them (leave out --cached-only)")
+    best = best_baseline(scored)
+    tests = comparisons(scored, IFA_ROWS, best)
+    what = (
+        f"World `{world}`, objectives {', '.join(objectives)}: logged outcomes only (no "
+        "oracle). Networks: " + ", ".join(LABELS[n] for n in nets) + "."
+    )
+    sections = [
+        _setup(protocol, options, N_REPLICATES, what),
+        "**Against the best fair baseline** (click GAUC; the best IFA variant also on "
+        "impression):\n\n" + SUMMARY_HEAD + _summary_row(world.name, scored, best, tests),
+        _world_section(world.name, world, scored, best, tests),
+    ]
+    data = {
+        **_header("fair", protocol, options),
+        "world": str(world),
+        **_world_data(scored, best, tests),
+        "training_seconds": training_seconds(scored.runs),
+    }
+    return Report(
+        f"fair_{world.name}{options.suffix}",
+        f"Fair comparison on {world.name}: published baselines against IFA",
+        sections,
         data,
     )
 

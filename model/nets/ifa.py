@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.batch import Batch
-from model.features import RESERVED_ROWS, FeatureSpec
+from model.features import OBJECTIVES, RESERVED_ROWS, FeatureSpec
 from model.layers import (
     CandidateHead,
     Embeddings,
@@ -219,6 +219,7 @@ class CandidateScorer(nn.Module):
         embeddings: Embeddings,
         config: IFAConfig,
         channel: ExactMatchChannel | None = None,
+        objectives: tuple[str, ...] = OBJECTIVES,
     ):
         super().__init__()
         self.heads = config.heads
@@ -243,7 +244,7 @@ class CandidateScorer(nn.Module):
             with torch.no_grad():
                 self.fsm_out.weight[:, plain_dim:].zero_()
         self.head = CandidateHead(
-            embeddings.user.dim, embeddings.item.dim, config.interest_dim, config
+            embeddings.user.dim, embeddings.item.dim, config.interest_dim, config, objectives
         )
 
     def query_features(
@@ -307,7 +308,7 @@ class IFA(nn.Module):
         self.embeddings = Embeddings(spec)
         channel = ExactMatchChannel(spec, config) if config.channel_fields else None
         self.encoder = SequenceEncoder(self.embeddings.event, config, channel)
-        self.scorer = CandidateScorer(self.embeddings, config, channel)
+        self.scorer = CandidateScorer(self.embeddings, config, channel, spec.objectives)
 
     def forward(self, batch: Batch) -> Tensor:
         s, z = self.encoder(batch.events, batch.event_mask, batch.event_times, batch.request_time)

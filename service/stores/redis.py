@@ -394,7 +394,6 @@ class RedisStore:
         calls: Sequence[tuple[list[str], list[bytes | str | int]]],
         client: Client | None = None,
         also: Sequence[tuple[str | int, ...]] = (),
-
         errors_answer: bool = False,
     ) -> list[Any]:
         """``script`` once per (keys, args), all in one pipeline: one round trip on a single node,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -68,6 +69,18 @@ def test_actions_are_reindexed_into_the_models_vocabulary(tmp_path: Path) -> Non
     histories = load_seed(world, ("like", "click"), PROFILE_FIELDS)
     raw = pq.read_table(world / "events.parquet").column("action").to_numpy()
     expected = np.array([-1, 1, -1, 0])[raw]  # impression, long_view not in this vocabulary
+    assert sorted(histories.records["action"].tolist()) == sorted(expected.tolist())
+
+
+def test_a_world_is_read_in_the_vocabulary_it_declares(tmp_path: Path) -> None:
+    world = write_world(tmp_path / "world", n_users=3, n_events=50)
+    vocabulary = ["impression", "click", "cart", "purchase"]
+    (world / "world.json").write_text(json.dumps({"actions": vocabulary}))
+    raw = pq.read_table(world / "events.parquet").column("action").to_numpy()
+    same = load_seed(world, tuple(vocabulary), PROFILE_FIELDS)
+    assert sorted(same.records["action"].tolist()) == sorted(raw.tolist())
+    histories = load_seed(world, ("purchase", "cart", "click"), PROFILE_FIELDS)
+    expected = np.array([-1, 2, 1, 0])[raw]  # by name: the store's "click" is index 2
     assert sorted(histories.records["action"].tolist()) == sorted(expected.tolist())
 
 
