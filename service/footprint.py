@@ -62,7 +62,7 @@ ACTIONS = ("impression", "click", "long_view", "like")
 PREFIX = "ifa-footprint"
 SOAK_USERS = 300
 SOAK_FILL = 1600
-"""Events appended per soak user before the load: past the log's keep (1,500 at max_history
+"""Events appended per soak user before the load: past the log's keep (1,250 at max_history
 1,000) and the digest window (512)."""
 SOAK_SAMPLE_USERS = 20
 SOAK_SAMPLE_SECONDS = 10.0

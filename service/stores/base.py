@@ -72,10 +72,12 @@ class HistoryLimits:
 
     @property
     def keep(self) -> int:
-        """Records a log keeps: the window and half a window more, so that a cached state up
-        to max_history / 2 events behind still finds the events it must fold out (one further
-        behind is re-encoded). A full log is a ring of exactly this many records."""
-        return self.max_history + (self.max_history + 1) // 2
+        """Records a log keeps: the window and a quarter window more, so that a cached state up
+        to max_history / 4 events behind still finds the events it must fold out (one further
+        behind is re-encoded: a user who posted that many events between two ranks). A full log
+        is a ring of exactly this many records. A quarter, not a half: at 20 B a record it keeps
+        a user at the cap within 48 KiB of Redis with the channel's larger state."""
+        return self.max_history + (self.max_history + 3) // 4
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ its attributes as a JSON object. A bulk lookup is one script call (HMGETs) over 
 touches on a single node, and on a cluster, where the shards' hash tags spread them over the
 masters, one call per shard in one pipeline: a round trip per node, in parallel.
 
-Bounded storage: a log keeps its last ``limits.keep`` records (the state's window and half a
+Bounded storage: a log keeps its last ``limits.keep`` records (the state's window and a quarter
 window of slack for fold-outs, :class:`~service.stores.base.HistoryLimits`): once full it is a
 ring of exactly keep · 20 bytes, written in place. Digests take ``dedup_window`` · 12 bytes. The
 log, digests, meta and profile expire ``limits.retention_seconds`` after the user's last append
