@@ -165,11 +165,12 @@ async def test_the_trimmed_state_equals_the_kept_window_from_scratch(
     async with service_client(settings) as client:
         services = services_of(client)
         assert (await client.get("/model")).json()["limits"]["max_history"] == WINDOW
-        # Batches of 3, a rank after each: the state is folded in and out (and the log cut, more
-        # than once), never rebuilt. The last batch is older than everything: the window is by
-        # arrival, not by timestamp.
-        for i, start in enumerate([*range(100, 130, 3), 0]):
-            batch = events_payload(user, 3, rng, start=start)
+        # Batches of 2 (a quarter window: the most a cached state may lag and still fold out), a
+        # rank after each: the state is folded in and out (and the log cut, more than once),
+        # never rebuilt. The last batch is older than everything: the window is by arrival, not
+        # by timestamp.
+        for i, start in enumerate([*range(100, 130, 2), 0]):
+            batch = events_payload(user, 2, rng, start=start)
             posted += batch["events"]
             assert (await client.post("/events", json=batch)).status_code == 200
             body = await rank(client, user, candidates)
@@ -241,7 +242,7 @@ async def test_a_long_folding_state_is_encoded_afresh_now_and_then(
 ) -> None:
     """Folds round in float32: after REENCODE_AFTER_WINDOWS windows of evictions the state is
     encoded from scratch (a miss), so rounding cannot accumulate for ever."""
-    window = 4
+    window = 8  # batches of 2 fold out while the log keeps a quarter window more (10 records)
     settings = make_settings(decay_artifact_dir, max_history=window)
     rng = np.random.default_rng(17)
     posted: list[dict[str, Any]] = []

@@ -231,20 +231,21 @@ async def test_a_long_log_is_cut_and_positions_stay_absolute(store: Store) -> No
     for i in range(11):
         await store.append_events([event(f"e{i}", 30, 100 + i, 1000.0 + i)])
     snapshot = await store.snapshot("v", 30, TTL)
-    # The last 4 + 2 records are kept: positions 5..10 (in Redis a ring whose oldest record,
-    # position 5, sits in its last slot, so whole reads wrap).
-    assert (snapshot.log_start, snapshot.log_length) == (5, 11)
+    # The last 4 + 1 records are kept: positions 6..10 (in Redis a ring whose oldest record,
+    # position 6, sits in its last slot, so whole reads wrap).
+    assert store.limits.keep == 5
+    assert (snapshot.log_start, snapshot.log_length) == (6, 11)
     log = await store.read_events(30, 0)
-    assert log.positions.tolist() == list(range(5, 11))
-    assert log.item_ids.tolist() == list(range(105, 111))
+    assert log.positions.tolist() == list(range(6, 11))
+    assert log.item_ids.tolist() == list(range(106, 111))
     assert (await store.read_events(30, 9)).item_ids.tolist() == [109, 110]
-    window = await store.read_events(30, 5, 7)
-    assert (window.positions.tolist(), window.end) == ([5, 6], 11)
-    # A batch that laps the ring keeps the last 6 of it, in order.
+    window = await store.read_events(30, 6, 8)
+    assert (window.positions.tolist(), window.end) == ([6, 7], 11)
+    # A batch that laps the ring keeps the last 5 of it, in order.
     await store.append_events([event(f"f{i}", 30, 200 + i, 2000.0 + i) for i in range(9)])
     log = await store.read_events(30, 0)
-    assert (log.positions.tolist(), log.end) == (list(range(14, 20)), 20)
-    assert log.item_ids.tolist() == list(range(203, 209))
+    assert (log.positions.tolist(), log.end) == (list(range(15, 20)), 20)
+    assert log.item_ids.tolist() == list(range(204, 209))
 
 
 async def test_event_ids_are_remembered_over_the_dedup_window_only(store: Store) -> None:
