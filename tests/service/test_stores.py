@@ -233,7 +233,7 @@ async def test_a_long_log_is_cut_and_positions_stay_absolute(store: Store) -> No
     snapshot = await store.snapshot("v", 30, TTL)
     # The last 4 + 1 records are kept: positions 6..10 (in Redis a ring whose oldest record,
     # position 6, sits in its last slot, so whole reads wrap).
-    assert store.limits.keep == 5
+    assert HistoryLimits(max_history=4).keep == 5
     assert (snapshot.log_start, snapshot.log_length) == (6, 11)
     log = await store.read_events(30, 0)
     assert log.positions.tolist() == list(range(6, 11))
