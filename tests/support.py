@@ -183,3 +183,32 @@ def remembered_digests(client: Any, prefix: str, user_id: int) -> set[bytes]:
     value = client.get(f"{prefix}:{{u:{user_id}}}:eids")
     return {digest for digest, stamp in unpack_entries(bytes(value or b"")) if stamp > 0}
 
+
+def train_and_export(
+    world_dir: Path, out: Path, fusion: dict[str, float], batch_size: int, max_requests: int
+) -> Path:
+    """A prepared world trained briefly (one thread, ``max_requests`` requests) and exported as
+    fp32 TorchScript with ``fusion``'s score weights into ``out``; returns ``out``."""
+    from model.data import item_catalogue, load_world, spec_for_world
+    from model.train import TrainSettings, train
+
+    world = load_world(world_dir)
+    settings = TrainSettings(
+        world=world_dir,
+        batch_size=batch_size,
+        max_requests=max_requests,
+        threads=1,
+        progress=False,
+    )
+    result = train(settings, world)
+    assert result.checkpoint is not None
+    catalogue = Catalogue(item_catalogue(world), spec_for_world(world))
+    export_artifact(
+        result.checkpoint,
+        catalogue,
+        out,
+        fusion=fusion,
+        formats=("torchscript",),
+        precisions=("fp32",),
+    )
+    return out

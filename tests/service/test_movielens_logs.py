@@ -11,14 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from model.catalogue import Catalogue
-from model.data import World, item_catalogue, label_columns, load_world, spec_for_world
-from model.export import export_artifact
+from model.data import World, label_columns, load_world
 from model.movielens import load_movielens, movielens_root
 from model.prepare import prepare
-from model.train import TrainSettings, train
 from service.replay import event_posts
-from tests.support import make_settings, service_client
+from tests.support import make_settings, service_client, train_and_export
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -68,23 +65,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[World, Path, Pat
         item_attributes=("genre",),
     )
     assert report["dropped"] == {}
-    world = load_world(root / "world")
-    result = train(
-        TrainSettings(
-            world=root / "world", batch_size=32, max_requests=128, threads=1, progress=False
-        ),
-        world,
-    )
-    assert result.checkpoint is not None
-    catalogue = Catalogue(item_catalogue(world), spec_for_world(world))
-    export_artifact(
-        result.checkpoint,
-        catalogue,
-        root / "artifacts",
-        fusion={"click": 1.0, "like": 0.5},
-        formats=("torchscript",),
-        precisions=("fp32",),
-    )
+    fusion = {"click": 1.0, "like": 0.5}
+    train_and_export(root / "world", root / "artifacts", fusion, batch_size=32, max_requests=128)
     return original, root / "world", root / "artifacts"
 
 

@@ -10,12 +10,9 @@ import numpy as np
 import pytest
 
 from model.artifact import load_manifest, resolve_artifact_dir
-from model.catalogue import Catalogue
-from model.data import item_catalogue, load_world, spec_for_world
-from model.export import export_artifact
+from model.data import load_world
 from model.prepare import prepare, write_example
-from model.train import TrainSettings, train
-from tests.support import make_settings, service_client
+from tests.support import make_settings, service_client, train_and_export
 
 VOCABULARY = ["impression", "click", "cart", "purchase"]
 FUSION = {"cart": 0.3, "purchase": 1.0}
@@ -34,23 +31,7 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         item_attributes=("category", "brand", "seller"),
         max_cardinality=100,
     )
-    world = load_world(root / "world")
-    result = train(
-        TrainSettings(
-            world=root / "world", batch_size=16, max_requests=64, threads=1, progress=False
-        ),
-        world,
-    )
-    assert result.checkpoint is not None
-    catalogue = Catalogue(item_catalogue(world), spec_for_world(world))
-    export_artifact(
-        result.checkpoint,
-        catalogue,
-        root / "artifacts",
-        fusion=FUSION,
-        formats=("torchscript",),
-        precisions=("fp32",),
-    )
+    train_and_export(root / "world", root / "artifacts", FUSION, batch_size=16, max_requests=64)
     return root / "world", root / "artifacts"
 
 
