@@ -58,10 +58,10 @@ from model.nets import config_of
 from model.nets.ifa import IFA
 from model.serving import (
     ServingEncoder,
-    ServingScorer,
     bf16_scorer,
     default_fusion,
     fusion_vector,
+    reference_programs,
     serving_programs,
 )
 
@@ -118,7 +118,7 @@ class _Builder:
     def __init__(
         self,
         encoder: ServingEncoder,
-        scorers: Mapping[str, ServingScorer],
+        scorers: Mapping[str, nn.Module],
         spec: FeatureSpec,
         directory: Path,
     ):
@@ -201,7 +201,7 @@ class _Builder:
 def verify_programs(
     encoder: Program,
     scorer: Program,
-    reference: tuple[ServingEncoder, ServingScorer],
+    reference: tuple[ServingEncoder, nn.Module],
     spec: FeatureSpec,
     sizes: Sequence[tuple[int, int]] = PROBE_SIZES,
 ) -> float:
@@ -273,10 +273,12 @@ def export_artifact(
 
     was_training = net.training
     try:
-        encoder, scorer = serving_programs(net, fusion)  # puts the net in eval mode
-        references = {"fp32": (encoder, scorer)}
+        # What ships (the split scorer) is checked against the network's own arithmetic.
+        encoder, scorer = reference_programs(net, fusion)  # puts the net in eval mode
+        references: dict[str, tuple[ServingEncoder, nn.Module]] = {"fp32": (encoder, scorer)}
         if "bf16" in precisions:
             references["bf16"] = (encoder, bf16_scorer(scorer))
+        shipped = {p: serving_programs(net, fusion, p)[1] for p in references}
         version = model_version(
             checkpoint.net_name, config_of(net), checkpoint.spec, fusion, net.state_dict()
         )
@@ -284,7 +286,7 @@ def export_artifact(
         staging.mkdir()
         try:
             manifest = _build(
-                checkpoint, catalogue, references, fusion, formats, version, staging, say
+                checkpoint, catalogue, references, shipped, fusion, formats, version, staging, say
             )
             manifest.save(staging / MANIFEST_FILE)
             final = _publish(staging, out_dir / version)
@@ -301,7 +303,8 @@ def export_artifact(
 def _build(
     checkpoint: Checkpoint,
     catalogue: Catalogue,
-    references: Mapping[str, tuple[ServingEncoder, ServingScorer]],
+    references: Mapping[str, tuple[ServingEncoder, nn.Module]],
+    shipped: Mapping[str, nn.Module],
     fusion: dict[str, float],
     formats: Collection[str],
     version: str,
@@ -316,8 +319,7 @@ def _build(
     Catalogue(catalogue.columns, spec).save(staging / CATALOGUE_FILE)
 
     encoder_module = references["fp32"][0]
-    scorers = {precision: pair[1] for precision, pair in references.items()}
-    builder = _Builder(encoder_module, scorers, spec, staging)
+    builder = _Builder(encoder_module, shipped, spec, staging)
     roles = {"encoder", *(SCORER_ROLES[p] for p in references)}
     files: dict[str, dict[str, str]] = {}
     statuses: dict[str, dict[str, Any]] = {}

@@ -187,6 +187,18 @@ class Towers(nn.Module):
         return torch.cat([tower(x) for tower in self.towers], dim=-1)
 
 
+class BatchedLinear(nn.Module):
+    """One layer of every tower at once: (T, R, in) -> (T, R, out)."""
+
+    def __init__(self, layers: list[nn.Linear]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach().t() for layer in layers]))
+        self.bias = nn.Parameter(torch.stack([layer.bias.detach()[None, :] for layer in layers]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
 class CandidateHead(nn.Module):
     """What follows the sequence module in every network: optional RAM, then the towers.
 

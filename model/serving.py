@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from model.features import OBJECTIVES
-from model.layers import Towers
+from model.layers import BatchedLinear, Towers
 from model.nets.ifa import IFA, CandidateScorer, SequenceEncoder
+from model.split_scorer import SplitScorer
 
 
 def default_fusion(objectives: Sequence[str] = OBJECTIVES) -> dict[str, float]:
@@ -94,18 +95,6 @@ class BFloat16(nn.Module):
         return self.layers(x.to(torch.bfloat16)).to(torch.float32)
 
 
-class _BatchedLinear(nn.Module):
-    """One layer of every tower at once: (T, R, in) -> (T, R, out)."""
-
-    def __init__(self, layers: list[nn.Linear]):
-        super().__init__()
-        self.weight = nn.Parameter(torch.stack([layer.weight.detach().t() for layer in layers]))
-        self.bias = nn.Parameter(torch.stack([layer.bias.detach()[None, :] for layer in layers]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
 class FusedTowers(nn.Module):
     """:class:`model.layers.Towers` computed as one matmul for every tower's first layer and a
     batched matmul per later layer: the same arithmetic in a few large calls instead of one small
@@ -123,7 +112,7 @@ class FusedTowers(nn.Module):
             self.first.weight.copy_(torch.cat([s[0].weight for s in stacks]))
             self.first.bias.copy_(torch.cat([s[0].bias for s in stacks]))
         self.rest = nn.ModuleList(
-            _BatchedLinear([s[depth] for s in stacks]) for depth in range(1, len(stacks[0]))
+            BatchedLinear([s[depth] for s in stacks]) for depth in range(1, len(stacks[0]))
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -156,14 +145,24 @@ def bf16_scorer(scorer: ServingScorer) -> ServingScorer:
     return low.eval()
 
 
-def serving_programs(
+def reference_programs(
     net: IFA, fusion: Mapping[str, float] | None = None, precision: str = "fp32"
 ) -> tuple[ServingEncoder, ServingScorer]:
-    """The encoder and scorer of a trained IFA, in eval mode; ``precision`` ("fp32" or
-    "bf16") is the scorer's."""
+    """The encoder and the trained network's own scorer, in eval mode; ``precision`` ("fp32" or
+    "bf16") is the scorer's. What :func:`serving_programs` is verified against."""
     encoder, scorer = ServingEncoder(net.encoder).eval(), ServingScorer(net.scorer, fusion).eval()
     if precision == "bf16":
         return encoder, bf16_scorer(scorer)
     if precision != "fp32":
         raise ValueError(f"unknown precision {precision!r}; expected 'fp32' or 'bf16'")
     return encoder, scorer
+
+
+def serving_programs(
+    net: IFA, fusion: Mapping[str, float] | None = None, precision: str = "fp32"
+) -> tuple[ServingEncoder, SplitScorer]:
+    """The encoder and the scorer that ship, in eval mode: :class:`model.split_scorer.SplitScorer`
+    (the reference scorer's arithmetic with its first layers split, item blocks gathered from
+    projected tables and user blocks once per request) in ``precision``."""
+    encoder, reference = reference_programs(net, fusion)
+    return encoder, SplitScorer(net.scorer, reference.fusion, precision).eval()
