@@ -2,26 +2,34 @@
 
     python -m loadtest.capacity [--model-dir artifacts] [--configs baseline,defaults]
         [--users 100] [--events-per-user 10000] [--step-seconds 20] [--no-locust]
+        [--outside-share 0.2] [--baseline REV] [--repeats 1]
 
 On this machine, bounded in time, all traffic to 127.0.0.1:
 
 1. a world of ``--users`` users with exactly ``--events-per-user`` events each over the model's
-   catalogue is written and seeded (``IFA_SEED_WORLD``) into a private ``redis-server``;
-2. for each configuration (:data:`CONFIGS`: today's single worker, the new defaults, ...)
-   ``python -m service`` starts on the Redis store with its arrival log on, and every user is
-   ranked once so that the state cache is warm;
+   catalogue is written, and a private ``redis-server`` started;
+2. for each curve, a configuration (:data:`CONFIGS`: today's single worker, the new defaults,
+   ...) on this tree or, with ``--baseline REV``, on a checkout of revision REV (``CONFIG@REV``,
+   same venv, model, world and Redis): the Redis server is flushed, ``python -m service`` starts
+   on it with its arrival log on and seeds the world (``IFA_SEED_WORLD``), the live-catalogue
+   pool is registered with ``PUT /items``, and every user is ranked once with the load's
+   candidate mix so that the state and item caches are warm;
 3. after an unrecorded 5 s step, each step offers one rate of a 4:1 /rank:/events mix
-   (``--candidates`` per /rank) with the schedule-driven generator of
-   :mod:`loadtest.openloop`: Poisson arrival times fixed in
+   (``--candidates`` per /rank, ``--outside-share`` of them outside the model's catalogue: half
+   live-catalogue items, half ids nobody knows, from recurring pools) with the schedule-driven
+   generator of :mod:`loadtest.openloop`: Poisson arrival times fixed in
    advance, latency from the intended send (wrk2's rule). The service's arrival log checks that
    what arrived was what was offered (the most arrivals in 20 ms against a Poisson stream's), and
    the generator's own lag and CPU share say whether it, not the service, was the limit;
-4. once the configuration's open-loop curve is done, each of its rates is offered again by
+4. once the curve's open-loop steps are done, each of its rates is offered again by
    Locust (``loadtest/locustfile.py`` as shipped), so the table shows what a Locust user would
    conclude from the same step; its arrivals are checked too.
 
-A step passes when /rank and /events p99 are within the budget and nothing failed; a
-configuration's capacity is its highest passing offered rate. Writes ``<out>.md``,
+``--repeats N`` runs N rounds of every curve, a configuration's curves on both trees back to
+back and the tree that goes first alternating, so that both see the same machine. A step passes
+when /rank and /events p99 are within the budget and nothing failed; a curve's capacity is its
+highest passing offered rate; the report gives each round's, their median and, per
+configuration, this tree's capacity over the baseline revision's. Writes ``<out>.md``,
 ``<out>.json`` and ``<out>.png`` (default ``results/capacity``); per-step Locust CSVs and the
 service logs go to ``--work-dir``.
 """
@@ -33,25 +41,31 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
 import pyarrow.parquet as pq
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.cpu_probe import busy_cpu_shares
 from loadtest.harness import (
     REPO_ROOT,
     LiveService,
+    checkout,
+    put_items,
     redis_server,
     running_service,
     warm_state_cache,
@@ -83,6 +97,12 @@ GENERATOR_LAG_LIMIT_MS = 5.0
 """A step whose generator sent its p99 request later than this was limited by the generator."""
 GENERATOR_CPU_LIMIT = 0.8
 """... or whose generator kept a core this busy."""
+LIVE_POOL = 2000
+"""Live-catalogue items registered before each curve (``PUT /items``): with a fifth of 1,000
+candidates outside the catalogue, half of them live, each recurs about 12 times a second at
+300 req/s, as the new items of a feed do."""
+UNKNOWN_POOL = 2000
+"""Ids nobody registers, the other half of the outside candidates."""
 
 
 @dataclass(frozen=True)
@@ -439,11 +459,37 @@ def child_pids(pid: int) -> list[int]:
 # -- a configuration's curve ---------------------------------------------------------------------
 
 
+def curve_name(config: Config, revision: str | None) -> str:
+    """``CONFIG`` for this tree's service, ``CONFIG@REV`` for the baseline revision's."""
+    return config.name if revision is None else f"{config.name}@{revision}"
+
+
+def file_label(name: str, round_: int) -> str:
+    """A curve's name and round as part of a file name (a revision may hold '/' or '~')."""
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}-round{round_ + 1}"
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A source tree the service runs from: this one (``revision`` None) or a checkout."""
+
+    root: Path
+    revision: str | None = None
+
+
 @dataclass(frozen=True)
 class Curve:
     config: Config
+    revision: str | None
+    """None: this tree's service; else the baseline revision's."""
+    round: int
+    """0-based round of ``--repeats``."""
     steps: list[OpenLoopStep]
     locust: list[LocustStep]
+
+    @property
+    def name(self) -> str:
+        return curve_name(self.config, self.revision)
 
     @property
     def capacity(self) -> OpenLoopStep | None:
@@ -451,17 +497,97 @@ class Curve:
         passing = [s for s in self.steps if s.passed]
         return max(passing, key=lambda s: s.offered_rps) if passing else None
 
+    @property
+    def capacity_rps(self) -> float:
+        """The capacity's offered rate; 0 where no step passed (below the lowest rate)."""
+        return self.capacity.offered_rps if self.capacity else 0.0
 
-def run_curve(
+
+def curve_order(
+    configs: Sequence[Config], trees: Sequence[Tree], repeats: int
+) -> list[tuple[int, Config, Tree]]:
+    """(round, configuration, tree) of every curve, in the order they run.
+
+    Within a round, a configuration's curves on each tree run back to back, so that both see
+    the same minutes of a shared machine; which tree goes first alternates between rounds, so
+    that neither always follows the other's load.
+    """
+    return [
+        (round_, config, tree)
+        for round_ in range(repeats)
+        for config in configs
+        for tree in (trees if round_ % 2 == 0 else list(reversed(trees)))
+    ]
+
+
+def live_items(model_dir: Path, ids: Sequence[int], seed: int) -> dict[int, dict[str, int | None]]:
+    """Attributes of the live pool: each id takes those of a catalogue item drawn at random, so
+    it featurises to attribute values the model knows (one missing in the catalogue, stored
+    negative, is sent as missing)."""
+    _, path = catalogue_file(model_dir)
+    table = pq.read_table(path)
+    names = [n for n in table.column_names if n != "item_id"]
+    columns = {n: table.column(n).to_numpy() for n in names}
+    rows = np.random.default_rng(seed).integers(0, table.num_rows, len(ids)).tolist()
+    return {
+        int(item_id): {n: int(columns[n][row]) if columns[n][row] >= 0 else None for n in names}
+        for item_id, row in zip(ids, rows, strict=True)
+    }
+
+
+def measure_curve(
+    round_: int,
     config: Config,
-    service: LiveService,
-    arrival_dir: Path,
+    tree: Tree,
+    redis_url: str,
     traffic_config: TrafficConfig,
+    live: Mapping[int, Mapping[str, int | None]],
     args: argparse.Namespace,
     work: Path,
 ) -> Curve:
-    users, items = load_ids(traffic_config)
-    traffic = Traffic(traffic_config, users, items)
+    """One curve: a fresh store seeded with the world, the tree's service with the
+    configuration, the live pool registered, the state cache warmed, then :func:`run_curve`."""
+    name = curve_name(config, tree.revision)
+    slug = file_label(name, round_)
+    # Every curve starts from the seeded world with nothing cached: no events, states or items
+    # of the curve before (perhaps another revision's code, which may store them differently).
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    arrival_dir = work / f"arrivals-{slug}"
+    for stale in arrival_dir.glob("arrivals-*.bin"):
+        stale.unlink()
+    env = {
+        "IFA_STORE": "redis",
+        "IFA_REDIS_URL": redis_url,
+        "IFA_REDIS_PREFIX": REDIS_PREFIX,
+        "IFA_SEED_WORLD": str(traffic_config.world),
+        "IFA_ARRIVAL_LOG": str(arrival_dir),
+    } | config.env
+    log = work / f"service-{slug}.log"
+    with running_service(args.model_dir, log, env, root=tree.root) as service:
+        users, items = load_ids(traffic_config)
+        traffic = Traffic(traffic_config, users, items)
+        put_items(service.url, live)
+        print(f"[{name}] warming the state cache of {args.users} users", flush=True)
+        warm_state_cache(service.url, range(args.users), traffic.candidate_ids)
+        return run_curve(config, tree.revision, round_, service, arrival_dir, traffic, args, work)
+
+
+def run_curve(
+    config: Config,
+    revision: str | None,
+    round_: int,
+    service: LiveService,
+    arrival_dir: Path,
+    traffic: Traffic,
+    args: argparse.Namespace,
+    work: Path,
+) -> Curve:
+    name = curve_name(config, revision)
+    slug = file_label(name, round_)
     rng = np.random.default_rng(args.seed)
     steps: list[OpenLoopStep] = []
     locust: list[LocustStep] = []
@@ -476,7 +602,7 @@ def run_curve(
         steps.append(step)
         arrivals = step.arrivals
         print(
-            f"[{config.name}] offered {rate:5.0f}/s achieved {step.achieved_rps:6.1f}/s  /rank "
+            f"[{name}] offered {rate:5.0f}/s achieved {step.achieved_rps:6.1f}/s  /rank "
             f"p50 {step.rank_p50_ms:5.1f} p99 {step.rank_p99_ms:6.1f} ms  /events p99 "
             f"{step.events_p99_ms:5.1f}  failures {step.failures}  generator lag p99 "
             f"{step.generator_lag_p99_ms:.1f} ms CPU {step.generator_cpu_percent:.0f} %  "
@@ -493,18 +619,18 @@ def run_curve(
     # posts then cannot leak into an open-loop step.
     for step in steps if args.locust else []:
         result = run_locust_step(
-            service, arrival_dir, traffic_config, step.offered_rps, int(args.step_seconds),
-            work / f"locust-{config.name}-{step.offered_rps:g}rps", args.locust_processes,
+            service, arrival_dir, traffic.config, step.offered_rps, int(args.step_seconds),
+            work / f"locust-{slug}-{step.offered_rps:g}rps", args.locust_processes,
         )  # fmt: skip
         locust.append(result)
         print(
-            f"[{config.name}] Locust at {step.offered_rps:5.0f}/s: /rank p50 "
+            f"[{name}] Locust at {step.offered_rps:5.0f}/s: /rank p50 "
             f"{result.rank_p50_ms:g} p99 {result.rank_p99_ms:g} ms, failures {result.failures}, "
             f"max/20ms at the server {result.arrivals.observed_max}",
             flush=True,
         )
         time.sleep(SETTLE_SECONDS)
-    return Curve(config, steps, locust)
+    return Curve(config, revision, round_, steps, locust)
 
 
 # -- the report ----------------------------------------------------------------------------------
@@ -601,20 +727,69 @@ def step_cells(step: OpenLoopStep, locust: LocustStep | None) -> list[object]:
     ]
 
 
-def to_markdown(report: dict[str, object], curves: list[Curve]) -> str:
-    setup = report["setup"]
-    assert isinstance(setup, dict)
-    baseline = next((c for c in curves if c.config.name == "baseline"), None)
-    base = baseline.capacity if baseline else None
+def summarise(curves: Sequence[Curve], revision: str | None) -> dict[str, Any]:
+    """Each curve's capacity per round (0: no step passed), its median over the rounds, and,
+    with a baseline revision, this tree's capacity over that revision's per configuration:
+    per round, their median, and the ratio of the two medians."""
+    capacities: dict[str, list[float]] = {}
+    for curve in sorted(curves, key=lambda c: c.round):  # stable: run order within a round
+        capacities.setdefault(curve.name, []).append(curve.capacity_rps)
+    medians = {name: statistics.median(values) for name, values in capacities.items()}
+    ratios: dict[str, dict[str, Any]] = {}
+    configs = {c.config.name: c.config for c in curves}  # run order; Config is unhashable
+    for config in configs.values() if revision is not None else ():
+        ours, theirs = config.name, curve_name(config, revision)
+        per_round = [
+            a / b if b else None for a, b in zip(capacities[ours], capacities[theirs], strict=True)
+        ]
+        known = [r for r in per_round if r is not None]
+        ratios[config.name] = {
+            "per_round": per_round,
+            "median": statistics.median(known) if known else None,
+            "of_medians": medians[ours] / medians[theirs] if medians[theirs] else None,
+        }
+    return {
+        "rounds": 1 + max(c.round for c in curves),
+        "capacity_rps": capacities,
+        "median_rps": medians,
+        "ratio_to_revision": ratios,
+    }
+
+
+def rate_cell(rps: float) -> str:
+    return f"{rps:g}" if rps else "none passed"
+
+
+def ratio_cell(ratio: float | None) -> str:
+    return f"{ratio:.2f}×" if ratio is not None else ""
+
+
+def to_markdown(report: dict[str, Any], curves: list[Curve]) -> str:
+    setup, summary = report["setup"], report["summary"]
+    rounds, revision = summary["rounds"], setup["baseline_revision"]
+    medians = summary["median_rps"]
+    trees = f"this tree (`{setup['tree_commit']}`)"
+    if revision is not None:
+        trees += (
+            f" and, side by side, revision `{revision}` (`{setup['baseline_commit']}`) run from "
+            "a checkout of it with the same Python environment, model, world and Redis server"
+        )
     lines = [
         "# Capacity within the 50 ms p99 budget",
         "",
         f"Generated by `{setup['command']}` on {report['date']} "
         f"({report['duration_s']} s). Model `{setup['model_version']}`; {setup['users']} users "
-        f"with {setup['events_per_user']:,} events each, seeded into a private redis-server; "
-        f"{setup['candidates']:,} candidates per /rank, k = 50; /rank:/events = 4:1 (10 events "
-        f"per post); Poisson arrivals; {setup['step_seconds']} s per step; the generator runs on "
-        f"the same machine. Machine: {describe_machine(report['machine'])}.",
+        f"with {setup['events_per_user']:,} events each, seeded into a private redis-server "
+        f"(flushed and seeded again before each curve); {setup['candidates']:,} candidates per "
+        f"/rank, k = 50, of which {100 * setup['outside_share']:g} % are outside the model's "
+        f"catalogue in every request: half live-catalogue items registered with PUT /items "
+        f"before each curve (a pool of {setup['live_pool']:,}, attributes drawn from the "
+        f"catalogue's), half ids nobody knows (a pool of {setup['unknown_pool']:,}), both "
+        f"recurring across requests; /rank:/events = 4:1 (10 events per post); Poisson "
+        f"arrivals; {setup['step_seconds']} s per step; the generator runs on the same machine. "
+        f"Services: {trees}. {rounds} round{'s' if rounds > 1 else ''}: each runs every curve, "
+        "a configuration's curves back to back, the tree that goes first alternating between "
+        f"rounds. Machine: {describe_machine(report['machine'])}.",
         "",
         "Latency is measured by the schedule-driven generator (`loadtest/openloop.py`) from each "
         "request's intended send time, so a stall anywhere counts against every request that "
@@ -628,33 +803,51 @@ def to_markdown(report: dict[str, object], curves: list[Curve]) -> str:
         f"request more than {GENERATOR_LAG_LIMIT_MS:g} ms late or used more than "
         f"{100 * GENERATOR_CPU_LIMIT:.0f} % of a core.",
         "",
-        "| configuration | capacity, req/s offered | achieved there | /rank p50 / p99 there "
-        "| vs baseline |",
-        "|---|---:|---:|---:|---:|",
+        "| curve | "
+        + " | ".join(f"round {r + 1}, req/s" for r in range(rounds))
+        + " | median | median vs `baseline` |",
+        "|---|" + "---:|" * (rounds + 2),
     ]
-    for curve in curves:
-        best = curve.capacity
-        label = f"{curve.config.name}: {curve.config.description}"
-        if best is None:
-            lines.append(f"| {label} | none passed | | | |")
-            continue
-        ratio = f"{best.offered_rps / base.offered_rps:.2f}×" if base else ""
-        lines.append(
-            f"| {label} | {best.offered_rps:g} | {best.achieved_rps:.1f} "
-            f"| {best.rank_p50_ms:.1f} / {best.rank_p99_ms:.1f} ms | {ratio} |"
-        )
-    for curve in curves:
-        by_rate = {step.offered_rps: step for step in curve.locust}
+    first = {curve.name: curve for curve in reversed(curves)}
+    for name, values in summary["capacity_rps"].items():
+        base = curve_name(CONFIGS["baseline"], first[name].revision)
+        vs = medians[name] / medians[base] if medians.get(base) else None
+        cells = [name, *map(rate_cell, values), rate_cell(medians[name]), ratio_cell(vs)]
+        lines.append(table_row(cells))
+    if summary["ratio_to_revision"]:
         lines += [
             "",
-            f"## {curve.config.name}: {curve.config.description}",
+            f"## This tree against `{revision}`",
+            "",
+            f"Capacity of each configuration on this tree over its capacity on `{revision}`.",
+            "",
+            "| configuration | "
+            + " | ".join(f"round {r + 1}" for r in range(rounds))
+            + " | median of the rounds | ratio of the medians |",
+            "|---|" + "---:|" * (rounds + 2),
+        ]
+        for config_name, ratio in summary["ratio_to_revision"].items():
+            cells = [config_name, *map(ratio_cell, ratio["per_round"])]
+            lines.append(
+                table_row([*cells, ratio_cell(ratio["median"]), ratio_cell(ratio["of_medians"])])
+            )
+    for curve in curves:
+        by_rate = {step.offered_rps: step for step in curve.locust}
+        source = (
+            "this tree"
+            if curve.revision is None
+            else f"a checkout of `{curve.revision}` (`{setup['baseline_commit']}`)"
+        )
+        lines += [
+            "",
+            f"## {curve.name}, round {curve.round + 1}: {curve.config.description}",
             "",
             "Settings: "
             + (
                 ", ".join(f"`{k}={v}`" for k, v in curve.config.env.items())
                 or "none (the defaults)"
             )
-            + ".",
+            + f"; the service from {source}.",
             "",
             table_row(STEP_COLUMNS),
             "|" + "---:|" * len(STEP_COLUMNS),
@@ -721,15 +914,20 @@ def plot(curves: list[Curve], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(8, 5))
-    colours = ("tab:red", "tab:blue", "tab:green", "tab:purple")
-    for curve, colour in zip(curves, colours, strict=False):
-        x = [s.offered_rps for s in curve.steps]
+    colours = plt.get_cmap("tab10")
+    # One colour per configuration, one line style per tree; rounds share their curve's legend.
+    configs = list(dict.fromkeys(c.config.name for c in curves))
+    for curve in curves:
+        colour = colours(configs.index(curve.config.name) % 10)
+        marker = "o-" if curve.revision is None else "s--"
+        first = curve.round == 0
         axis.plot(
-            x,
+            [s.offered_rps for s in curve.steps],
             [s.rank_p99_ms for s in curve.steps],
-            "o-",
+            marker,
             color=colour,
-            label=f"{curve.config.name}: /rank p99 (open loop)",
+            alpha=1.0 if first else 0.5,
+            label=f"{curve.name}: /rank p99 (open loop)" if first else None,
         )
         if curve.locust:
             axis.plot(
@@ -737,7 +935,8 @@ def plot(curves: list[Curve], path: Path) -> None:
                 [s.rank_p99_ms for s in curve.locust],
                 "x:",
                 color=colour,
-                label=f"{curve.config.name}: /rank p99 (Locust)",
+                alpha=1.0 if first else 0.5,
+                label=f"{curve.name}: /rank p99 (Locust)" if first else None,
             )
     axis.axhline(BUDGET_MS, color="black", linestyle=":", label=f"{BUDGET_MS:g} ms budget")
     axis.set_xlabel("offered load (requests/s, /rank + /events, Poisson)")
@@ -775,13 +974,34 @@ def ensure_model(model_dir: Path) -> None:
     )
 
 
-def catalogue_item_ids(model_dir: Path) -> tuple[str, np.ndarray]:
+def catalogue_file(model_dir: Path) -> tuple[str, Path]:
+    """(model version, path of the model's catalogue: ``item_id`` and its attribute columns)."""
     from model.artifact import load_manifest, resolve_artifact_dir
 
     manifest = load_manifest(model_dir)
-    path = resolve_artifact_dir(model_dir) / manifest.catalogue_file
+    return manifest.version, resolve_artifact_dir(model_dir) / manifest.catalogue_file
+
+
+def catalogue_item_ids(model_dir: Path) -> tuple[str, np.ndarray]:
+    version, path = catalogue_file(model_dir)
     ids = pq.read_table(path, columns=["item_id"]).column("item_id").to_numpy()
-    return manifest.version, np.asarray(ids, dtype=np.int64)
+    return version, np.asarray(ids, dtype=np.int64)
+
+
+def git_commit(revision: str) -> str:
+    """The short commit of ``revision`` in this repository."""
+    return subprocess.run(
+        ["git", "rev-parse", "--short", revision], cwd=REPO_ROOT, check=True,
+        capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+
+
+def tree_commit() -> str:
+    """This tree's commit, marked ``-dirty`` where it has uncommitted changes."""
+    return subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT, check=True,
+        capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
 
 
 def parse_configs(text: str) -> list[Config]:
@@ -850,6 +1070,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--locust-processes", type=int, default=2, help="Locust worker processes (--processes)"
     )
+    parser.add_argument(
+        "--outside-share",
+        type=float,
+        default=0.2,
+        help="share of every candidate set outside the model's catalogue: half live-catalogue "
+        "items registered with PUT /items, half ids nobody knows",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run every configuration against the service of git revision REV (a "
+        "checkout of it, the same venv, model, world and Redis), named CONFIG@REV",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds, each running every curve; the report gives each round and the median",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -857,6 +1096,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.rates = dict(args.rates)
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
+    # Absolute: the baseline revision's service runs with its checkout as working directory.
+    args.model_dir = args.model_dir.resolve()
     started = time.time()
     facts = machine()  # before any load: what the machine gives when nothing else runs
     ensure_model(args.model_dir)
@@ -864,30 +1107,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     world = write_world(work / "world", item_ids, args.users, args.events_per_user)
-    traffic_config = TrafficConfig(world=world, candidates=args.candidates)
-    warm_candidates = item_ids[: args.candidates].tolist()
+    traffic_config = TrafficConfig(
+        world=world,
+        candidates=args.candidates,
+        outside_share=args.outside_share,
+        live_pool=LIVE_POOL,
+        unknown_pool=UNKNOWN_POOL,
+    )
+    pools = Traffic(traffic_config, *load_ids(traffic_config))
+    live = live_items(args.model_dir, pools.live_ids, args.seed)
 
     curves: list[Curve] = []
-    with redis_server(work) as redis_url:
-        for config in args.configs:
-            arrival_dir = work / f"arrivals-{config.name}"
-            for stale in arrival_dir.glob("arrivals-*.bin"):
-                stale.unlink()
-            env = {
-                "IFA_STORE": "redis",
-                "IFA_REDIS_URL": redis_url,
-                "IFA_REDIS_PREFIX": REDIS_PREFIX,
-                "IFA_SEED_WORLD": str(world),
-                "IFA_ARRIVAL_LOG": str(arrival_dir),
-            } | config.env
-            log = work / f"service-{config.name}.log"
-            with running_service(args.model_dir, log, env) as service:
-                print(f"[{config.name}] warming the state cache of {args.users} users", flush=True)
-                warm_state_cache(service.url, range(args.users), warm_candidates)
-                curves.append(run_curve(config, service, arrival_dir, traffic_config, args, work))
+    with ExitStack() as stack:
+        trees = [Tree(REPO_ROOT)]
+        if args.baseline is not None:
+            trees.append(Tree(stack.enter_context(checkout(args.baseline)), args.baseline))
+        redis_url = stack.enter_context(redis_server(work))
+        for round_, config, tree in curve_order(args.configs, trees, args.repeats):
+            name = curve_name(config, tree.revision)
+            print(f"[{name}] round {round_ + 1} of {args.repeats}", flush=True)
+            curves.append(
+                measure_curve(round_, config, tree, redis_url, traffic_config, live, args, work)
+            )
 
     out = args.out
-    report: dict[str, object] = {
+    summary = summarise(curves, args.baseline)
+    report: dict[str, Any] = {
         "plot": f"{out.name}.png",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "duration_s": round(time.time() - started),
@@ -895,17 +1140,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         "setup": {
             "command": "python -m loadtest.capacity " + " ".join(argv if argv else sys.argv[1:]),
             "model_version": version,
+            "tree_commit": tree_commit(),
+            "baseline_revision": args.baseline,
+            "baseline_commit": git_commit(args.baseline) if args.baseline else None,
+            "repeats": args.repeats,
             "users": args.users,
             "events_per_user": args.events_per_user,
             "candidates": args.candidates,
+            "outside_share": args.outside_share,
+            "outside_per_rank": {
+                "live": pools.live_per_request,
+                "unknown": pools.unknown_per_request,
+            },
+            "live_pool": LIVE_POOL,
+            "unknown_pool": UNKNOWN_POOL,
             "step_seconds": args.step_seconds,
             "budget_ms": BUDGET_MS,
             "max_failing_steps": args.max_failing_steps,
             "locust_processes": args.locust_processes if args.locust else None,
         },
-        "configs": [
+        "summary": summary,
+        "curves": [
             {
-                "name": c.config.name,
+                "name": c.name,
+                "config": c.config.name,
+                "revision": c.revision,
+                "round": c.round + 1,
                 "description": c.config.description,
                 "env": c.config.env,
                 "capacity_rps": c.capacity.offered_rps if c.capacity else None,

@@ -15,6 +15,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -85,6 +86,42 @@ def post_json(url: str, body: object, timeout: float = 30) -> object:
     )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
+
+
+def put_items(url: str, items: Mapping[int, Mapping[str, int | None]], batch: int = 1000) -> int:
+    """``PUT /items`` the given items (id -> raw attributes) in batches of ``batch`` (the
+    service's default max_items_per_put); returns the items the service upserted. Writes are
+    open without a token on loopback, which is where the harness starts the service."""
+    ids = list(items)
+    upserted = 0
+    for start in range(0, len(ids), batch):
+        body = {
+            "items": [
+                {"item_id": i, "attributes": dict(items[i])} for i in ids[start : start + batch]
+            ]
+        }
+        request = urllib.request.Request(
+            f"{url}/items",
+            data=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+            method="PUT",
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            upserted += int(json.loads(response.read())["upserted"])
+    return upserted
+
+
+@contextmanager
+def checkout(revision: str) -> Iterator[Path]:
+    """A temporary copy of this repository's tree at ``revision`` (``git archive``), for running
+    another revision's service beside this one (:func:`running_service`'s ``root``)."""
+    tree = subprocess.run(
+        ["git", "archive", "--format=tar", revision], cwd=REPO_ROOT, check=True,
+        capture_output=True,
+    ).stdout  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="ifa-checkout-") as scratch:
+        subprocess.run(["tar", "-x", "-C", scratch], input=tree, check=True)
+        yield Path(scratch)
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
@@ -378,10 +415,18 @@ def running_service(
         stop(process)
 
 
-def warm_state_cache(url: str, user_ids: Sequence[int], candidate_ids: Sequence[int]) -> None:
-    """Rank every user once, so that each has a cached state before latency is measured."""
+def warm_state_cache(
+    url: str,
+    user_ids: Sequence[int],
+    candidate_ids: Sequence[int] | Callable[[], Sequence[int]],
+) -> None:
+    """Rank every user once, so that each has a cached state before latency is measured.
+
+    ``candidate_ids`` is the set every user is ranked with, or draws one set per user (the load's
+    own mix, so that the workers' item caches hold what the steady state will ask for)."""
     for user_id in user_ids:
-        post_json(f"{url}/rank", {"user_id": user_id, "candidate_ids": list(candidate_ids), "k": 1})
+        candidates = candidate_ids() if callable(candidate_ids) else candidate_ids
+        post_json(f"{url}/rank", {"user_id": user_id, "candidate_ids": list(candidates), "k": 1})
 
 
 def write_world(

@@ -16,7 +16,16 @@ process (the runner passes these on):
 ``IFA_LOADTEST_EVENTS_WEIGHT``    relative weight of /events tasks (default 1).
 ``IFA_LOADTEST_EVENTS_PER_POST``  events in one /events batch (default 10).
 ``IFA_LOADTEST_ZIPF``             Zipf exponent of user popularity (default 1.1).
-``IFA_LOADTEST_UNKNOWN_FRACTION`` share of candidates outside the catalogue (default 0.01).
+``IFA_LOADTEST_OUTSIDE_SHARE``    share of every candidate set outside the model's catalogue, the
+                                  same count (rounded) in every /rank (default 0.01).
+``IFA_LOADTEST_LIVE_POOL``        live-catalogue items: ids past the catalogue's that the caller
+                                  registers with ``PUT /items`` before the run (see
+                                  :attr:`Traffic.live_ids`); when > 0 they make half of the
+                                  outside candidates (default 0: none).
+``IFA_LOADTEST_UNKNOWN_POOL``     ids nobody registers, scored with OOV rows: the rest of the
+                                  outside candidates (default 2000). Both pools recur across
+                                  requests, as new items do on a feed, so each id is looked up in
+                                  the item table once per cache TTL, not once per request.
 ``IFA_LOADTEST_DUPLICATE_FRACTION`` share of /events posts that resend an earlier batch, as a
                                   client retry would (default 0.02).
 ``IFA_LOADTEST_USER_RPS``         tasks per second per simulated user, as Poisson arrivals
@@ -60,7 +69,9 @@ class TrafficConfig:
     events_weight: int = 1
     events_per_post: int = 10
     zipf: float = 1.1
-    unknown_fraction: float = 0.01
+    outside_share: float = 0.01
+    live_pool: int = 0
+    unknown_pool: int = 2000
     duplicate_fraction: float = 0.02
     user_rps: float = 2.0
     seed: int = 0
@@ -152,23 +163,47 @@ class Traffic:
         )
         self.item_ids = list(item_ids)
         self.candidates = min(config.candidates, len(self.item_ids))
-        # Ids past the largest known one stand for items the model has not seen yet.
-        self.unknown_start = max(self.item_ids) + 1
+        if not 0.0 <= config.outside_share <= 1.0:
+            raise ValueError(f"outside_share must be within [0, 1], got {config.outside_share}")
+        outside = round(config.outside_share * self.candidates)
+        self.live_per_request = outside // 2 if config.live_pool > 0 else 0
+        self.unknown_per_request = outside - self.live_per_request
+        # Ids past the largest known one stand for items the model has not seen yet: first the
+        # live pool, then the unknown one, so the two never overlap and every process that
+        # builds a Traffic of the same config and world (Locust's included) draws the same ids.
+        start = max(self.item_ids) + 1
+        self.live_ids = list(range(start, start + config.live_pool))
+        """Ids the caller must register (``PUT /items``) for them to be live-catalogue items."""
+        self.unknown_ids = list(
+            range(start + config.live_pool, start + config.live_pool + config.unknown_pool)
+        )
+        for name, pool, needed in (
+            ("live_pool", self.live_ids, self.live_per_request),
+            ("unknown_pool", self.unknown_ids, self.unknown_per_request),
+        ):
+            if len(pool) < needed:
+                raise ValueError(
+                    f"{name} of {len(pool)} ids cannot give {needed} unique candidates a request"
+                )
         self.rng = random.Random()
         self.sent_batches: list[dict[str, Any]] = []
 
     def user(self) -> int:
         return self.rng.choices(self.user_ids, cum_weights=self.user_cum_weights)[0]
 
+    def candidate_ids(self) -> list[int]:
+        """A candidate set: unique ids, exactly :attr:`live_per_request` from the live pool and
+        :attr:`unknown_per_request` from the unknown one, the rest from the catalogue, shuffled
+        (a ranker must not find the new items in one block)."""
+        outside = self.live_per_request + self.unknown_per_request
+        candidates = self.rng.sample(self.item_ids, self.candidates - outside)
+        candidates += self.rng.sample(self.live_ids, self.live_per_request)
+        candidates += self.rng.sample(self.unknown_ids, self.unknown_per_request)
+        self.rng.shuffle(candidates)
+        return candidates
+
     def rank_body(self) -> dict[str, Any]:
-        unknown = sum(
-            self.rng.random() < self.config.unknown_fraction for _ in range(self.candidates)
-        )
-        candidates = self.rng.sample(self.item_ids, self.candidates - unknown)
-        candidates += self.rng.sample(
-            range(self.unknown_start, self.unknown_start + 10**9), unknown
-        )
-        return {"user_id": self.user(), "candidate_ids": candidates, "k": self.config.k}
+        return {"user_id": self.user(), "candidate_ids": self.candidate_ids(), "k": self.config.k}
 
     def expected_items(self, body: Mapping[str, Any]) -> int:
         return min(int(body["k"]), len(body["candidate_ids"]))

@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +51,13 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.capacity import process_tree_seconds
-from loadtest.harness import REPO_ROOT, LiveService, running_service, warm_state_cache
+from loadtest.harness import (
+    REPO_ROOT,
+    LiveService,
+    checkout,
+    running_service,
+    warm_state_cache,
+)
 from loadtest.openloop import PreparedRequest, poisson_schedule, prepare_post, run_open_loop
 from loadtest.traffic import Traffic, TrafficConfig
 from service.app import create_app
@@ -417,18 +422,6 @@ CPU_FAILURES_TOLERATED = 0.01
 """Share of a block's requests that may fail (a 503 when the shared machine stalls a worker)."""
 MIX = {"/rank": 4, "/events": 1}
 """The load tests' mix: the CPU of an average request is the weighted mean of the routes'."""
-
-
-@contextmanager
-def checkout(revision: str) -> Iterator[Path]:
-    """A temporary copy of this repository's tree at ``revision`` (``git archive``)."""
-    tree = subprocess.run(
-        ["git", "archive", "--format=tar", revision], cwd=REPO_ROOT, check=True,
-        capture_output=True,
-    ).stdout  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="ifa-bench-baseline-") as scratch:
-        subprocess.run(["tar", "-x", "-C", scratch], input=tree, check=True)
-        yield Path(scratch)
 
 
 def cpu_requests(traffic: Traffic, url: str, route: str, count: int) -> list[PreparedRequest]:
