@@ -474,6 +474,9 @@ class Tree:
     """A source tree the service runs from: this one (``revision`` None) or a checkout."""
 
     root: Path
+    model_dir: Path
+    """The artefact its service serves: a scorer change ships inside the exported programs, so
+    the baseline revision's curve serves the same checkpoint exported by that revision."""
     revision: str | None = None
 
 
@@ -567,7 +570,7 @@ def measure_curve(
         "IFA_ARRIVAL_LOG": str(arrival_dir),
     } | config.env
     log = work / f"service-{slug}.log"
-    with running_service(args.model_dir, log, env, root=tree.root) as service:
+    with running_service(tree.model_dir, log, env, root=tree.root) as service:
         users, items = load_ids(traffic_config)
         traffic = Traffic(traffic_config, users, items)
         put_items(service.url, live)
@@ -1084,6 +1087,12 @@ def build_parser() -> argparse.ArgumentParser:
         "checkout of it, the same venv, model, world and Redis), named CONFIG@REV",
     )
     parser.add_argument(
+        "--baseline-model-dir",
+        type=Path,
+        help="the artefact the baseline revision serves (default: --model-dir); export the same "
+        "checkpoint with that revision's code when the programs changed between the two",
+    )
+    parser.add_argument(
         "--repeats",
         type=int,
         default=1,
@@ -1100,6 +1109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--repeats must be at least 1")
     # Absolute: the baseline revision's service runs with its checkout as working directory.
     args.model_dir = args.model_dir.resolve()
+    args.baseline_model_dir = (args.baseline_model_dir or args.model_dir).resolve()
     started = time.time()
     facts = machine()  # before any load: what the machine gives when nothing else runs
     ensure_model(args.model_dir)
@@ -1119,9 +1129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     curves: list[Curve] = []
     with ExitStack() as stack:
-        trees = [Tree(REPO_ROOT)]
+        trees = [Tree(REPO_ROOT, args.model_dir)]
         if args.baseline is not None:
-            trees.append(Tree(stack.enter_context(checkout(args.baseline)), args.baseline))
+            baseline_root = stack.enter_context(checkout(args.baseline))
+            trees.append(Tree(baseline_root, args.baseline_model_dir, args.baseline))
         redis_url = stack.enter_context(redis_server(work))
         for round_, config, tree in curve_order(args.configs, trees, args.repeats):
             name = curve_name(config, tree.revision)
@@ -1143,6 +1154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "tree_commit": tree_commit(),
             "baseline_revision": args.baseline,
             "baseline_commit": git_commit(args.baseline) if args.baseline else None,
+            "model_dir": str(args.model_dir),
+            "baseline_model_dir": str(args.baseline_model_dir) if args.baseline else None,
             "repeats": args.repeats,
             "users": args.users,
             "events_per_user": args.events_per_user,

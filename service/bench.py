@@ -455,15 +455,17 @@ def cpu_block(
 
 
 def cpu_per_request(
-    model_dir: Path,
     redis_url: str,
-    roots: dict[str, Path],
+    trees: dict[str, tuple[Path, Path]],
     item_ids: np.ndarray,
     rounds: int,
     seconds: float,
+    outside_share: float,
 ) -> dict[str, Any]:
-    """CPU ms per request of each route, per service (label: source tree), in alternating
-    blocks: every round measures each service once, in turn, route after route."""
+    """CPU ms per request of each route, per service (label: (source tree, artefact it serves)),
+    in alternating blocks: every round measures each service once, in turn, route after route.
+    ``outside_share`` of every candidate set are ids outside the catalogue (a recurring pool)."""
+    roots = {label: root for label, (root, _) in trees.items()}
     users = list(range(CPU_USERS))
     prefixes = {label: f"ifa-bench-cpu-{uuid.uuid4().hex[:8]}" for label in roots}
     blocks: dict[str, dict[str, list[float]]] = {
@@ -480,7 +482,7 @@ def cpu_per_request(
                    "IFA_REDIS_PREFIX": prefixes[label]}  # fmt: skip
             services[label] = stack.enter_context(
                 running_service(
-                    model_dir,
+                    trees[label][1],
                     scratch / f"service-{label}.log",
                     env,
                     args=["--log-level", "warning"],
@@ -488,7 +490,7 @@ def cpu_per_request(
                 )
             )
             warm_state_cache(services[label].url, users, item_ids[:CPU_CANDIDATES].tolist())
-        config = TrafficConfig(candidates=CPU_CANDIDATES)
+        config = TrafficConfig(candidates=CPU_CANDIDATES, outside_share=outside_share)
         rng = np.random.default_rng(5)
         order = list(roots)
         for label in order:  # unrecorded: the first requests of a worker pay for warming up
@@ -560,8 +562,11 @@ def cpu_markdown(report: dict[str, Any]) -> list[str]:
         "",
         f"`python -m service` with its defaults (one worker per CPU, program format auto, the "
         f"scorer inline), Redis store, {setup['users']} users with {setup['history']}-event "
-        f"histories (states cached), /rank of M = {setup['candidates']}, k = 50; /events of 10 "
-        f"events. Open-loop Poisson arrivals at {setup['rate']:g} req/s from the generator of "
+        f"histories (states cached), /rank of M = {setup['candidates']}, k = 50, "
+        f"{setup.get('outside_share', 0.0):.0%} of each set ids outside the catalogue (a recurring "
+        f"pool); /events of 10 events. Each tree serves its own export of the model "
+        f"({setup.get('baseline_model_dir') or 'one artefact for both'} for the baseline). "
+        f"Open-loop Poisson arrivals at {setup['rate']:g} req/s from the generator of "
         f"loadtest/openloop.py, {setup['seconds']:g} s per route and block, {setup['rounds']} "
         "blocks per service; where two trees are listed their services ran side by side and "
         "were measured in alternating blocks. CPU = on-CPU time of the service's processes "
@@ -710,16 +715,20 @@ async def run(args: argparse.Namespace, model_dir: Path, model_label: str) -> di
     if "cpu" in args.parts:
         print("CPU per request over HTTP (the service's defaults, Redis store) ...", flush=True)
         with ExitStack() as stack:
-            roots = {"this tree": REPO_ROOT}
+            trees = {"this tree": (REPO_ROOT, model_dir.resolve())}
             if args.baseline is not None:
-                roots = {args.baseline: stack.enter_context(checkout(args.baseline))} | roots
+                baseline_root = stack.enter_context(checkout(args.baseline))
+                baseline_model = (args.baseline_model_dir or model_dir).resolve()
+                trees = {args.baseline: (baseline_root, baseline_model)} | trees
             report["cpu"] = await asyncio.to_thread(
-                cpu_per_request, model_dir, args.redis_url, roots, item_ids, args.cpu_rounds,
-                args.cpu_seconds,
+                cpu_per_request, args.redis_url, trees, item_ids, args.cpu_rounds,
+                args.cpu_seconds, args.outside_share,
             )  # fmt: skip
         report["cpu_setup"] = {
             "rate": CPU_RATE, "seconds": args.cpu_seconds, "rounds": args.cpu_rounds,
             "users": CPU_USERS, "candidates": CPU_CANDIDATES, "history": HISTORY,
+            "outside_share": args.outside_share,
+            "baseline_model_dir": str(args.baseline_model_dir) if args.baseline_model_dir else None,
         }  # fmt: skip
     report["command"] = "python -m service.bench " + " ".join(args.argv)
     report["seconds"] = time.perf_counter() - started
@@ -828,6 +837,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--baseline", metavar="REV",
         help="also measure this git revision's service (cpu, footprint), side by side",
+    )  # fmt: skip
+    parser.add_argument(
+        "--baseline-model-dir", type=Path, metavar="DIR",
+        help="the artefact the --baseline revision serves (default: the same); export the same "
+        "checkpoint with that revision's code when the exported programs changed",
+    )  # fmt: skip
+    parser.add_argument(
+        "--outside-share", type=float, default=0.2,
+        help="cpu: share of every candidate set that are ids outside the catalogue",
     )  # fmt: skip
     parser.add_argument("--soak-seconds", type=float, default=600.0, help="soak length")
     parser.add_argument("--soak-rate", type=float, default=60.0, help="soak requests per second")

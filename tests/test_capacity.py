@@ -140,7 +140,10 @@ def test_the_live_pool_is_registered_and_ranked_as_known(
 
 
 def test_rounds_alternate_which_tree_goes_first() -> None:
-    this, other = Tree(REPO_ROOT), Tree(Path("/checkout"), "HEAD~1")
+    this, other = (
+        Tree(REPO_ROOT, Path("artifacts")),
+        Tree(Path("/checkout"), Path("artifacts"), "HEAD~1"),
+    )
     configs = [CONFIGS["baseline"], CONFIGS["defaults"]]
     order = [(r, c.name, t.revision) for r, c, t in curve_order(configs, [this, other], 3)]
     assert order == [
