@@ -183,6 +183,9 @@ class Manifest:
     """Bytes of one user's state tensors S and z (float32); 0 in artefacts older than it."""
     channel: dict[str, Any] | None = None
     """The exact-match channel: its item fields and one-hot slots per field; None without."""
+    scorer: str = "network"
+    """The scorer programs' layout: "network" (the trained network's scorer) or "split"
+    (:class:`model.split_scorer.SplitScorer`, ``python -m model.export --split-scorer``)."""
     max_history: int | None = DEFAULT_MAX_HISTORY
     """The history window the model was trained with (most recent events per request); the
     service keeps the same window per user unless configured otherwise. None: trained on whole

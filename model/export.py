@@ -61,8 +61,8 @@ from model.serving import (
     bf16_scorer,
     default_fusion,
     fusion_vector,
-    reference_programs,
     serving_programs,
+    split_programs,
 )
 
 DEFAULT_FORMATS: tuple[str, ...] = ("torchscript", "export", "aoti")
@@ -242,10 +242,14 @@ def export_artifact(
     update_latest: bool = True,
     log: Callable[[str], None] | None = None,
     precisions: Collection[str] = PRECISIONS,
+    split_scorer: bool = False,
 ) -> Path:
     """Write ``out_dir/<version>/`` for an IFA checkpoint and return that directory.
 
     ``precisions``: the scorers each format holds ("fp32" always; "bf16" adds the bf16 one).
+    ``split_scorer``: ship :class:`model.split_scorer.SplitScorer` (checked against the network's
+    scorer like any program); off by default, as it costs more than it saves on this project's
+    reference CPU in AOTInductor (results/split_scorer.md).
 
     ``fusion`` (weights by action name) defaults to the checkpoint's ``metadata["fusion"]``,
     else the vocabulary's first action only (click in the default one). The
@@ -273,12 +277,15 @@ def export_artifact(
 
     was_training = net.training
     try:
-        # What ships (the split scorer) is checked against the network's own arithmetic.
-        encoder, scorer = reference_programs(net, fusion)  # puts the net in eval mode
+        # What ships is checked against the network's own scorer in the same precision.
+        encoder, scorer = serving_programs(net, fusion)  # puts the net in eval mode
         references: dict[str, tuple[ServingEncoder, nn.Module]] = {"fp32": (encoder, scorer)}
         if "bf16" in precisions:
             references["bf16"] = (encoder, bf16_scorer(scorer))
-        shipped = {p: serving_programs(net, fusion, p)[1] for p in references}
+        shipped = {
+            p: split_programs(net, fusion, p)[1] if split_scorer else pair[1]
+            for p, pair in references.items()
+        }
         version = model_version(
             checkpoint.net_name, config_of(net), checkpoint.spec, fusion, net.state_dict()
         )
@@ -288,6 +295,7 @@ def export_artifact(
             manifest = _build(
                 checkpoint, catalogue, references, shipped, fusion, formats, version, staging, say
             )
+            manifest.scorer = "split" if split_scorer else "network"
             manifest.save(staging / MANIFEST_FILE)
             final = _publish(staging, out_dir / version)
         except BaseException:
@@ -559,6 +567,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="comma list: fp32 (always) and bf16 (a scorer with bfloat16 towers per format)",
     )
     parser.add_argument("--no-latest", action="store_true", help="do not update LATEST")
+    parser.add_argument(
+        "--split-scorer",
+        action="store_true",
+        help="ship the split scorer: item blocks of the first layers from projected tables, "
+        "user blocks once per request (results/split_scorer.md says where it pays)",
+    )
     args = parser.parse_args(argv)
 
     checkpoint = load_checkpoint(args.checkpoint)
@@ -574,6 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             update_latest=not args.no_latest,
             log=print,
             precisions=args.precisions,
+            split_scorer=args.split_scorer,
         )
     except (ExportError, TypeError, ValueError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)

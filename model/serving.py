@@ -145,11 +145,11 @@ def bf16_scorer(scorer: ServingScorer) -> ServingScorer:
     return low.eval()
 
 
-def reference_programs(
+def serving_programs(
     net: IFA, fusion: Mapping[str, float] | None = None, precision: str = "fp32"
 ) -> tuple[ServingEncoder, ServingScorer]:
-    """The encoder and the trained network's own scorer, in eval mode; ``precision`` ("fp32" or
-    "bf16") is the scorer's. What :func:`serving_programs` is verified against."""
+    """The encoder and scorer of a trained IFA, in eval mode; ``precision`` ("fp32" or
+    "bf16") is the scorer's."""
     encoder, scorer = ServingEncoder(net.encoder).eval(), ServingScorer(net.scorer, fusion).eval()
     if precision == "bf16":
         return encoder, bf16_scorer(scorer)
@@ -158,11 +158,11 @@ def reference_programs(
     return encoder, scorer
 
 
-def serving_programs(
+def split_programs(
     net: IFA, fusion: Mapping[str, float] | None = None, precision: str = "fp32"
 ) -> tuple[ServingEncoder, SplitScorer]:
-    """The encoder and the scorer that ship, in eval mode: :class:`model.split_scorer.SplitScorer`
-    (the reference scorer's arithmetic with its first layers split, item blocks gathered from
-    projected tables and user blocks once per request) in ``precision``."""
-    encoder, reference = reference_programs(net, fusion)
-    return encoder, SplitScorer(net.scorer, reference.fusion, precision).eval()
+    """:func:`serving_programs` with :class:`model.split_scorer.SplitScorer` as the scorer: the
+    same arithmetic with its first layers split, the item blocks gathered from projected tables
+    and the user blocks once per request."""
+    encoder, scorer = serving_programs(net, fusion)
+    return encoder, SplitScorer(net.scorer, scorer.fusion, precision).eval()

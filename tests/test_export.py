@@ -38,7 +38,7 @@ from model.export import ExportError, export_artifact, probe_inputs, training_wi
 from model.features import DEFAULT_MAX_HISTORY, OBJECTIVES, OOV_INDEX
 from model.nets import build_net, config_of
 from model.nets.ifa import IFA
-from model.serving import ServingEncoder, ServingScorer, reference_programs
+from model.serving import ServingEncoder, ServingScorer, serving_programs
 from model.train import TrainSettings, train
 from model.world import write_world
 from tests.factories import small_spec
@@ -69,7 +69,7 @@ def checkpoint() -> Checkpoint:
 @pytest.fixture(scope="module")
 def reference(checkpoint: Checkpoint) -> tuple[ServingEncoder, ServingScorer]:
     assert isinstance(checkpoint.net, IFA)
-    return reference_programs(checkpoint.net)
+    return serving_programs(checkpoint.net)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from model.checkpoint import Checkpoint
 from model.export import export_artifact
 from model.nets import build_net
 from model.nets.ifa import IFA
-from model.serving import ServingEncoder, ServingScorer, reference_programs
+from model.serving import ServingEncoder, ServingScorer, serving_programs
 from tests.factories import live_channel
 from tests.test_export import (
     FAST_FORMATS,
@@ -43,7 +43,7 @@ def checkpoint() -> Checkpoint:
 @pytest.fixture(scope="module")
 def reference(checkpoint: Checkpoint) -> tuple[ServingEncoder, ServingScorer]:
     assert isinstance(checkpoint.net, IFA)
-    return reference_programs(checkpoint.net)
+    return serving_programs(checkpoint.net)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from model.features import OOV_INDEX, RESERVED_ROWS, FeatureSpec
 from model.nets import build_net
 from model.nets.ifa import IFA
-from model.serving import reference_programs, serving_programs
+from model.serving import serving_programs, split_programs
 from model.split_scorer import SplitScorer
 from tests.factories import live_channel, small_spec
 
@@ -63,8 +63,8 @@ def request(spec: FeatureSpec, seed: int) -> tuple[torch.Tensor, torch.Tensor, t
 def test_split_scorer_equals_the_reference_in_float32(name: str, kind: str) -> None:
     net = trained_like(name)
     spec = small_spec()
-    encoder, reference = reference_programs(net)
-    _, split = serving_programs(net)
+    encoder, reference = serving_programs(net)
+    _, split = split_programs(net)
     assert isinstance(split, SplitScorer) and split.has_tables  # the small spec's fields fit
     for seed in range(3):
         user, events, times = request(spec, seed)
@@ -87,7 +87,7 @@ def test_tables_and_computed_item_blocks_agree_and_cover_every_row() -> None:
     give the same answer, for the highest row of every field too."""
     net = trained_like("ifa_channel_decay")
     spec = small_spec()
-    encoder, reference = reference_programs(net)
+    encoder, reference = serving_programs(net)
     tabled = SplitScorer(net.scorer, reference.fusion).eval()
     computed = SplitScorer(net.scorer, reference.fusion, table_budget_bytes=0).eval()
     assert tabled.has_tables and not tabled.has_computed
@@ -105,8 +105,8 @@ def test_tables_and_computed_item_blocks_agree_and_cover_every_row() -> None:
 def test_bf16_split_scorer_stays_within_bf16_rounding_of_the_reference() -> None:
     net = trained_like("ifa_channel_decay")
     spec = small_spec()
-    encoder, reference = reference_programs(net)
-    _, split = serving_programs(net, precision="bf16")
+    encoder, reference = serving_programs(net)
+    _, split = split_programs(net, precision="bf16")
     user, events, times = request(spec, 11)
     candidates = candidate_rows(spec, 1000, "catalogue", 11)
     with torch.no_grad():
@@ -115,3 +115,39 @@ def test_bf16_split_scorer_stays_within_bf16_rounding_of_the_reference() -> None
         got, _ = split(user, candidates, s, z)
     assert split.tower_pair.dtype == torch.bfloat16
     assert float((got - want).abs().max()) <= 1e-2
+
+
+def test_an_export_with_the_split_scorer_ships_it_verified(tmp_path) -> None:
+    """``--split-scorer``: both precisions' programs are the split scorer, checked against the
+    network's scorer at export (TorchScript and torch.export), and the manifest says so."""
+    from model.artifact import load_artifact
+    from model.catalogue import Catalogue
+    from model.checkpoint import Checkpoint
+    from model.export import export_artifact
+
+    net = trained_like("ifa_channel_decay")
+    spec = small_spec()
+    catalogue = Catalogue(
+        {"item_id": np.arange(300), "category": np.arange(300) % 8, "author": np.arange(300) % 50},
+        spec,
+    )
+    directory = export_artifact(
+        Checkpoint("ifa_channel_decay", spec, net),
+        catalogue,
+        tmp_path,
+        formats=("torchscript", "export"),
+        precisions=("fp32", "bf16"),
+        split_scorer=True,
+    )
+    model = load_artifact(directory, "torchscript", "fp32")
+    assert model.manifest.scorer == "split"
+    assert model.manifest.formats["export"]["max_abs_error"] <= 1e-5
+    encoder, reference = serving_programs(net)
+    user, events, times = request(spec, 5)
+    rows, _ = catalogue.rows(np.array([3, 7, 299, 10_000]))  # 10,000: an unknown id
+    candidates = torch.from_numpy(rows)
+    with torch.no_grad():
+        s, z = encoder(events, times, torch.tensor(1.7e9, dtype=torch.float64))
+        want = reference(user, candidates, s, z)[0]
+    got = model.score(user, candidates, s, z)[0]
+    assert float((got - want).abs().max()) <= 1e-5
