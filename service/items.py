@@ -8,7 +8,8 @@ store together (one round trip), the rest are answered locally. Two caches answe
   until when it holds without asking the store), so that a candidate set of base items whose
   entries are fresh costs one ``searchsorted`` and one gather, as without an item table;
 * other ids (items added through ``PUT /items``, and ids nobody knows: a negative entry): a
-  dictionary of at most ``capacity`` entries, the oldest written dropped first.
+  :class:`service.row_cache.RowCache` of at most ``capacity`` entries, the oldest written dropped
+  first, looked up in bulk with ``searchsorted`` too (no Python work per id).
 
 Staleness: an entry is used for ``ttl_seconds`` after it was fetched or written; an update made
 through another worker or replica is seen by this one within ``ttl_seconds`` (the next lookup
@@ -31,6 +32,7 @@ import numpy as np
 from model.catalogue import ID_COLUMN, MISSING_VALUE, Catalogue
 from model.features import OOV_INDEX
 from service.metrics import Metrics
+from service.row_cache import RowCache
 from service.stores.base import ItemAttributes, ItemsUnavailable, ItemTable, StoreError
 from service.stores.records import EventLog
 
@@ -62,13 +64,6 @@ class ItemReport:
     """Fields of the model not given (or given as null): OOV too."""
 
 
-@dataclass
-class _Entry:
-    until: float
-    row: list[int]  # (F_item,): a list gathers into an array faster than small arrays do
-    known: bool
-
-
 class LiveCatalogue:
     def __init__(
         self,
@@ -98,7 +93,7 @@ class LiveCatalogue:
         self._base_rows = base.rows(self._base_ids)[0]  # (K, F_item): the model's rows
         self._rows = self._base_rows.copy()  # (K, F_item): each base id's row now
         self._until = np.zeros(len(self._base_ids))  # (K,) clock time the row holds until
-        self._others: dict[int, _Entry] = {}
+        self._others = RowCache(len(self.spec.item_fields), capacity)
         self._degraded_logged_at = -DEGRADED_LOG_INTERVAL_SECONDS
         self._lookups_resume_at = -LOOKUP_BACKOFF_SECONDS
         """Clock time before which lookups do not ask the store (it failed just before)."""
@@ -170,24 +165,15 @@ class LiveCatalogue:
         due = ~fresh & in_base  # base ids due for a check
         outside = np.flatnonzero(~in_base)
         if outside.size:
-            # Ids outside the base, one at a time (a dictionary lookup each).
-            cached, cached_rows, cached_known, expired = [], [], [], []
-            for i, item_id in zip(outside.tolist(), ids[outside].tolist(), strict=True):
-                entry = self._others.get(item_id)
-                if entry is None:
-                    expired.append(i)
-                    continue
-                cached.append(i)
-                cached_rows.append(entry.row)
-                cached_known.append(entry.known)
-                if entry.until > now:
-                    hits += 1
-                else:
-                    expired.append(i)
-            if cached:
-                rows[cached] = np.array(cached_rows, dtype=np.int64)
-                known[cached] = cached_known
-            due[expired] = True
+            slot = self._others.find(ids[outside])
+            cached = slot >= 0
+            # Expired entries answer too, until the store does (or when it fails).
+            rows[outside[cached]] = self._others.rows[slot[cached]]
+            known[outside[cached]] = self._others.known[slot[cached]]
+            fresh_outside = cached.copy()
+            fresh_outside[cached] = self._others.until[slot[cached]] > now
+            hits += int(np.count_nonzero(fresh_outside))
+            due[outside[~fresh_outside]] = True
         if hits < ids.size:
             await self._refresh(ids, np.flatnonzero(due), position, in_base, rows, known, now)
         self.metrics.item_cache.labels(outcome="hit").inc(hits)
@@ -282,17 +268,8 @@ class LiveCatalogue:
                 base_positions, base_rows = base_positions[older], base_rows[older]
             self._rows[base_positions] = base_rows
             self._until[base_positions] = until
-        others = self._others
-        for item_id, row, is_known in zip(
-            ids[~in_base].tolist(), rows[~in_base].tolist(), known[~in_base].tolist(), strict=True
-        ):
-            current = others.pop(item_id, None)
-            if newer and current is not None and current.until >= until:
-                others[item_id] = current
-                continue
-            others[item_id] = _Entry(until, row, is_known)
-        while len(others) > self.capacity:
-            del others[next(iter(others))]  # the oldest written
+        outside = ~in_base
+        self._others.write(ids[outside], rows[outside], known[outside], until, newer)
 
     def _base_positions(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(M,) positions in the base arrays and (M,) whether the id is there."""

@@ -405,6 +405,35 @@ async def test_unknown_ids_are_cached_too_and_the_cache_is_bounded(
     assert len(catalogue._others) == 50
 
 
+async def test_one_request_mixing_catalogue_new_and_unknown_ids_with_repeats(
+    artifact_dir: Path, item_store: Store
+) -> None:
+    """Each kind of id answered from its cache, repeats included, until its entry expires."""
+    clock = Clock()
+    catalogue, metrics = live_catalogue(artifact_dir, item_store, clock, ttl=10.0)
+    await catalogue.put({NEW_ITEM: {"category": 3, "author": 5}})
+    unknown = 10**9 + 1
+    ids = np.array([NEW_ITEM, 5, unknown, 5, NEW_ITEM, unknown, 7])
+    base = load_artifact(artifact_dir).catalogue
+    expected = np.stack(
+        [attribute_row(artifact_dir, 3, 5), *base.rows(np.array([5]))[0], np.full(3, OOV_INDEX)]
+    )[[0, 1, 2, 1, 0, 2]]
+    first = await catalogue.rows(ids)
+    assert first.known.tolist() == [True, True, False, True, True, False, True]
+    assert (first.rows[:6] == expected).all()
+    assert (first.rows[6] == base.rows(np.array([7]))[0][0]).all()
+    # The PUT's entry answers both of its positions; the others are fetched in one lookup.
+    assert counts(metrics) == {"hit": 2, "miss": 5, "degraded": 0, "lookups": 1}
+    clock.now += 9.9
+    again = await catalogue.rows(ids)
+    assert (again.rows == first.rows).all() and (again.known == first.known).all()
+    assert counts(metrics) == {"hit": 9, "miss": 5, "degraded": 0, "lookups": 1}
+    clock.now += 0.2  # every entry expired: all seven positions are looked up again
+    expired = await catalogue.rows(ids)
+    assert (expired.rows == first.rows).all()
+    assert counts(metrics) == {"hit": 9, "miss": 12, "degraded": 0, "lookups": 2}
+
+
 @pytest.mark.redis
 async def test_an_unreachable_item_table_degrades_to_what_the_worker_knows(
     artifact_dir: Path, redis_url: str, redis_prefix: str
