@@ -5,11 +5,13 @@ newest, ``newer`` writes that keep an entry holding as long."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service import row_cache
+from service.featurize_bench import measure
 from service.row_cache import RowCache
 
 WIDTH = 3
@@ -109,3 +111,12 @@ def test_random_writes_agree_with_the_dictionary(
         assert entries(cache, queried) == {
             int(i): reference.entries[int(i)] for i in queried if int(i) in reference.entries
         }, step
+
+
+@pytest.mark.anyio
+async def test_the_featurize_bench_measures_cached_lookups_of_each_mix(artifact_dir: Path) -> None:
+    """A short run: every lookup measured is answered from the caches (it asserts so)."""
+    report = await measure(artifact_dir, requests=3, seed=0)
+    assert list(report["mixes"]) == ["0%", "20%", "60%"]
+    assert all(mix["n"] == 3 for mix in report["mixes"].values())
+    assert report["mixes"]["60%"]["outside_relative_to_inside"] > 0
