@@ -14,6 +14,7 @@ import pytest
 from loadtest.harness import running_service
 from model.artifact import load_artifact
 from model.features import OOV_INDEX
+from service import items
 from service.items import LiveCatalogue
 from service.metrics import Metrics
 from service.stores.base import Store
@@ -403,6 +404,28 @@ async def test_unknown_ids_are_cached_too_and_the_cache_is_bounded(
     assert counts(metrics)["lookups"] == 1
     await catalogue.rows(np.arange(2 * 10**9, 2 * 10**9 + 200))
     assert len(catalogue._others) == 50
+
+
+async def test_the_table_by_id_locates_catalogue_ids_as_the_binary_search_does(
+    artifact_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dense, _ = live_catalogue(artifact_dir, MemoryStore(), Clock())
+    monkeypatch.setattr(items, "DENSE_SPAN_PER_ITEM", -1)  # every catalogue too sparse
+    sparse, _ = live_catalogue(artifact_dir, MemoryStore(), Clock())
+    assert dense._position_by_offset is not None and sparse._position_by_offset is None
+    ids = np.array([0, 1, CATALOGUE_ITEMS - 1, CATALOGUE_ITEMS, 5, 5, 10**12, 2**62, 2**63 - 1])
+    (dense_position, dense_in), (sparse_position, sparse_in) = (
+        catalogue._base_positions(ids) for catalogue in (dense, sparse)
+    )
+    assert (
+        dense_in.tolist()
+        == sparse_in.tolist()
+        == [True] * 3 + [False, True, True, False, False, False]
+    )
+    assert (dense_position[dense_in] == sparse_position[sparse_in]).all()
+    assert (dense._base_ids[dense_position[dense_in]] == ids[dense_in]).all()
+    found = [await catalogue.rows(ids) for catalogue in (dense, sparse)]
+    assert (found[0].rows == found[1].rows).all() and (found[0].known == found[1].known).all()
 
 
 async def test_one_request_mixing_catalogue_new_and_unknown_ids_with_repeats(
