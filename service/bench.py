@@ -19,9 +19,12 @@ the state cached (hit) and not (miss: the whole history is encoded), it measures
   measured in alternating blocks, so that both see the same machine load. CPU time, unlike
   latency, does not grow when other processes compete for the cores.
 
-``--parts footprint`` (bytes per user in Redis, this tree beside ``--baseline REV``) and ``--parts
-soak`` (Redis memory under open-loop load) are :mod:`service.footprint`'s, written to
-results/footprint.{md,json}. The other parts' results go to results/service_bench.{md,json}.
+``--parts featurize`` (the featurize stage per candidate inside and outside the model's catalogue,
+this tree beside ``--baseline REV``) is :mod:`service.featurize_bench`'s, written to
+results/featurize_bench.{md,json}. ``--parts footprint`` (bytes per user in Redis, this tree
+beside ``--baseline REV``) and ``--parts soak`` (Redis memory under open-loop load) are
+:mod:`service.footprint`'s, written to results/footprint.{md,json}. The other parts' results go
+to results/service_bench.{md,json}.
 Without --model-dir (or ./artifacts/LATEST) it serves an untrained IFA of the default spec with a
 synthetic 100k-item catalogue: latency does not depend on the weights.
 """
@@ -831,12 +834,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--parts", type=lambda text: set(text.split(",")), default={"latency", "cpu"},
         help="comma list of latency (in-process and HTTP breakdowns), cpu (CPU per request "
-        "of the deployed service), footprint (Redis bytes per user) and soak (Redis memory "
+        "of the deployed service), featurize (the featurize stage per candidate), footprint "
+        "(Redis bytes per user) and soak (Redis memory "
         "under load); default latency,cpu",
     )  # fmt: skip
     parser.add_argument(
         "--baseline", metavar="REV",
-        help="also measure this git revision's service (cpu, footprint), side by side",
+        help="also measure this git revision's service (cpu, featurize, footprint), side by side",
     )  # fmt: skip
     parser.add_argument(
         "--baseline-model-dir", type=Path, metavar="DIR",
@@ -847,6 +851,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--outside-share", type=float, default=0.2,
         help="cpu: share of every candidate set that are ids outside the catalogue",
     )  # fmt: skip
+    parser.add_argument(
+        "--featurize-requests", type=int, default=300, help="featurize part: requests per mix"
+    )
     parser.add_argument("--soak-seconds", type=float, default=600.0, help="soak length")
     parser.add_argument("--soak-rate", type=float, default=60.0, help="soak requests per second")
     parser.add_argument("--cpu-rounds", type=int, default=3, help="alternating blocks per service")
@@ -865,6 +872,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             label = "untrained IFA, default spec, synthetic 100k-item catalogue"
         if args.parts & {"footprint", "soak"}:
             print(footprint_parts(args, model_dir))
+        if "featurize" in args.parts:
+            print(featurize_part(args, model_dir, label))
         if not args.parts & {"latency", "cpu"}:
             return 0
         report = asyncio.run(run(args, model_dir, label))
@@ -875,6 +884,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "service_bench.md").write_text(text)
     print(text)
     return 0
+
+
+def featurize_part(args: argparse.Namespace, model_dir: Path, label: str) -> str:
+    """Run the featurize part; returns results/featurize_bench.md as written."""
+    from service import featurize_bench
+
+    print("featurize stage per candidate ...", flush=True)
+    with ExitStack() as stack:
+        roots = {"this tree": REPO_ROOT}
+        if args.baseline is not None:
+            roots = {args.baseline: stack.enter_context(checkout(args.baseline))} | roots
+        trees = featurize_bench.featurize(model_dir, roots, args.featurize_requests)
+    report = {
+        "command": "python -m service.bench " + " ".join(args.argv),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), "
+        f"Python {platform.python_version()}",
+        "model": label,
+        "requests": args.featurize_requests,
+        "trees": trees,
+    }
+    return featurize_bench.write(args.out, report)
 
 
 def footprint_parts(args: argparse.Namespace, model_dir: Path) -> str:

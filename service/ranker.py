@@ -213,7 +213,7 @@ class Ranker:
     def render(self, result: RankResult, k: int) -> bytes:
         """Top k, best first, as the JSON body of :class:`service.schemas.RankResponse`."""
         scores = result.scored.scores
-        order = np.argsort(-scores, kind="stable")[:k]
+        order = top_k(scores, k)
         names = self.runtime.objectives
         items = [
             {
@@ -493,6 +493,20 @@ class Ranker:
             raise  # a full model queue: a 503 with Retry-After, not a model failure
         except Exception as error:
             raise ModelError(str(error)) from error
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` best of ``scores`` (M,), best first, ties in index order: exactly
+    ``argsort(-scores, kind="stable")[:k]``, but sorting only the scores that reach the k-th best
+    (a partition first) rather than all M."""
+    negated = -scores
+    if k >= negated.size:
+        return np.argsort(negated, kind="stable")
+    kth = np.partition(negated, k - 1)[k - 1]
+    if np.isnan(kth):  # fewer than k comparable scores: NaNs go last, as argsort puts them
+        return np.argsort(negated, kind="stable")[:k]
+    reaching = np.flatnonzero(negated <= kth)  # ascending: ties stay in index order
+    return reaching[np.argsort(negated[reaching], kind="stable")[:k]]
 
 
 class _Unreachable(Exception):

@@ -248,7 +248,7 @@ class Settings(BaseSettings):
         default=50_000,
         ge=0,
         description="Items outside the model's catalogue (added through PUT /items, or unknown "
-        "ids) whose features each worker caches, the oldest dropped first (about 250 B each). "
+        "ids) whose features each worker caches, the oldest dropped first (about 100 B each). "
         "Items of the model's catalogue are cached in arrays beside it, without a bound.",
     )
     max_items_per_put: int = Field(

@@ -14,6 +14,7 @@ import pytest
 from loadtest.harness import running_service
 from model.artifact import load_artifact
 from model.features import OOV_INDEX
+from service import items
 from service.items import LiveCatalogue
 from service.metrics import Metrics
 from service.stores.base import Store
@@ -403,6 +404,57 @@ async def test_unknown_ids_are_cached_too_and_the_cache_is_bounded(
     assert counts(metrics)["lookups"] == 1
     await catalogue.rows(np.arange(2 * 10**9, 2 * 10**9 + 200))
     assert len(catalogue._others) == 50
+
+
+async def test_the_table_by_id_locates_catalogue_ids_as_the_binary_search_does(
+    artifact_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dense, _ = live_catalogue(artifact_dir, MemoryStore(), Clock())
+    monkeypatch.setattr(items, "DENSE_SPAN_PER_ITEM", -1)  # every catalogue too sparse
+    sparse, _ = live_catalogue(artifact_dir, MemoryStore(), Clock())
+    assert dense._position_by_offset is not None and sparse._position_by_offset is None
+    ids = np.array([0, 1, CATALOGUE_ITEMS - 1, CATALOGUE_ITEMS, 5, 5, 10**12, 2**62, 2**63 - 1])
+    (dense_position, dense_in), (sparse_position, sparse_in) = (
+        catalogue._base_positions(ids) for catalogue in (dense, sparse)
+    )
+    assert (
+        dense_in.tolist()
+        == sparse_in.tolist()
+        == [True] * 3 + [False, True, True, False, False, False]
+    )
+    assert (dense_position[dense_in] == sparse_position[sparse_in]).all()
+    assert (dense._base_ids[dense_position[dense_in]] == ids[dense_in]).all()
+    found = [await catalogue.rows(ids) for catalogue in (dense, sparse)]
+    assert (found[0].rows == found[1].rows).all() and (found[0].known == found[1].known).all()
+
+
+async def test_one_request_mixing_catalogue_new_and_unknown_ids_with_repeats(
+    artifact_dir: Path, item_store: Store
+) -> None:
+    """Each kind of id answered from its cache, repeats included, until its entry expires."""
+    clock = Clock()
+    catalogue, metrics = live_catalogue(artifact_dir, item_store, clock, ttl=10.0)
+    await catalogue.put({NEW_ITEM: {"category": 3, "author": 5}})
+    unknown = 10**9 + 1
+    ids = np.array([NEW_ITEM, 5, unknown, 5, NEW_ITEM, unknown, 7])
+    base = load_artifact(artifact_dir).catalogue
+    expected = np.stack(
+        [attribute_row(artifact_dir, 3, 5), *base.rows(np.array([5]))[0], np.full(3, OOV_INDEX)]
+    )[[0, 1, 2, 1, 0, 2]]
+    first = await catalogue.rows(ids)
+    assert first.known.tolist() == [True, True, False, True, True, False, True]
+    assert (first.rows[:6] == expected).all()
+    assert (first.rows[6] == base.rows(np.array([7]))[0][0]).all()
+    # The PUT's entry answers both of its positions; the others are fetched in one lookup.
+    assert counts(metrics) == {"hit": 2, "miss": 5, "degraded": 0, "lookups": 1}
+    clock.now += 9.9
+    again = await catalogue.rows(ids)
+    assert (again.rows == first.rows).all() and (again.known == first.known).all()
+    assert counts(metrics) == {"hit": 9, "miss": 5, "degraded": 0, "lookups": 1}
+    clock.now += 0.2  # every entry expired: all seven positions are looked up again
+    expired = await catalogue.rows(ids)
+    assert (expired.rows == first.rows).all()
+    assert counts(metrics) == {"hit": 9, "miss": 12, "degraded": 0, "lookups": 2}
 
 
 @pytest.mark.redis
