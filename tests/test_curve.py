@@ -103,3 +103,27 @@ def test_curve_and_cross_end_to_end_on_tiny_worlds(tmp_path: Path):
     assert (
         "Target at α ≥ 3" in report.sections[2] and "**Ran:** 8 training runs" in report.sections[1]
     )
+
+
+def test_the_plot_is_drawn_from_the_results_data_and_survives_a_collapsed_run(tmp_path):
+    """curve.png is redrawn from curve.json's points; a run at chance (GAUC 0.5) is marked at the
+    bottom instead of stretching the axis down to it."""
+    from model.experiments.curve import CHANCE_GAUC, plot_curve
+
+    def stat(mean: float) -> dict:
+        return {"per_seed": [mean], "mean": mean, "ci": [mean - 0.01, mean + 0.01]}
+
+    points = {
+        str(seen): {
+            "requests_seen": 100 * seen,
+            "metrics": {
+                "avgpool": {"gauc": {"click": stat(0.80 + 0.01 * seen)}},
+                "ifa": {"gauc": {"click": stat(0.5 if seen == 4 else 0.85)}},
+            },
+            "oracle": {"gauc": {"click": 0.92}},
+        }
+        for seen in (1, 2, 4)
+    }
+    assert 0.5 <= CHANCE_GAUC < 0.8
+    plot_curve(points, tmp_path / "curve.png", "test")
+    assert (tmp_path / "curve.png").stat().st_size > 1000

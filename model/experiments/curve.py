@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -205,28 +205,47 @@ def curve_table(points: Sequence[Point]) -> str:
     return "\n".join(lines)
 
 
-def plot_curve(points: Sequence[Point], path: Path, title: str) -> None:
-    """Click GAUC against requests seen, one line per network, its 95% bootstrap band."""
+CHANCE_GAUC = 0.55
+"""A click GAUC at or below this is a run that collapsed to chance: the plot marks it at the
+bottom of the axis instead of stretching the axis down to it."""
+
+
+def plot_curve(points: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> None:
+    """Click GAUC against requests seen, one line per network with its 95% bootstrap band, from
+    the results data (``curve.json``'s ``points``), so the plot can be redrawn from the file."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = [p.requests_seen for p in points]
+    cuts = sorted(points, key=int)
+    x = [points[c]["requests_seen"] for c in cuts]
+    nets = list(points[cuts[0]]["metrics"])
+    series = {net: [points[c]["metrics"][net]["gauc"]["click"] for c in cuts] for net in nets}
+    healthy = [s["ci"][0] for runs in series.values() for s in runs if s["mean"] > CHANCE_GAUC]
+    bottom = min(healthy) - 0.01
+    colours = [plt.get_cmap("tab20")(i) for i in range(20)]
     fig, ax = plt.subplots(figsize=(8, 5))
-    for net in points[0].scored.seeds:
-        means = [float(np.mean(p.scored.point[net]["gauc"]["click"])) for p in points]
-        bands = [interval(p.scored.replicates[net]["gauc"]["click"]) for p in points]
+    for i, net in enumerate(nets):
+        means = [s["mean"] if s["mean"] > CHANCE_GAUC else math.nan for s in series[net]]
+        collapsed = [c for c, s in zip(cuts, series[net], strict=True) if s["mean"] <= CHANCE_GAUC]
+        label = LABELS[net]
+        if collapsed:
+            label += f" (at chance from {collapsed[0]}×: ▼)"
+        colour = colours[i % len(colours)]
         style = "-" if net in TESTED_IFA else "--"
-        (line,) = ax.plot(x, means, style, marker="o", markersize=3, label=LABELS[net])
-        ax.fill_between(
-            x, [b[0] for b in bands], [b[1] for b in bands], color=line.get_color(), alpha=0.12
-        )
-    if points[0].scored.oracle is not None:
-        oracle = [p.scored.oracle["gauc"]["click"] if p.scored.oracle else math.nan for p in points]
+        ax.plot(x, means, style, marker="o", markersize=3, label=label, color=colour)
+        low = [s["ci"][0] if s["mean"] > CHANCE_GAUC else math.nan for s in series[net]]
+        high = [s["ci"][1] if s["mean"] > CHANCE_GAUC else math.nan for s in series[net]]
+        ax.fill_between(x, low, high, color=colour, alpha=0.12)
+        down = [xi for xi, s in zip(x, series[net], strict=True) if s["mean"] <= CHANCE_GAUC]
+        ax.plot(down, [bottom + 0.003] * len(down), "v", color=colour, markersize=7)
+    if all(points[c].get("oracle") for c in cuts):
+        oracle = [points[c]["oracle"]["gauc"]["click"] for c in cuts]
         ax.plot(x, oracle, ":", color="black", label="oracle")
+    ax.set_ylim(bottom=bottom)
     ax.set_xscale("log", base=2)
-    ax.set_xticks(x, [f"{p.seen}×\n{p.requests_seen:,}" for p in points])
+    ax.set_xticks(x, [f"{c}×\n{xi:,}" for c, xi in zip(cuts, x, strict=True)])
     ax.set_xlabel("requests seen before the scored window")
     ax.set_ylabel("click GAUC (impression-weighted)")
     ax.set_title(title)
@@ -282,7 +301,6 @@ def curve(options: Options) -> Report:
     if not points:
         data["training_seconds"] = {"runs": 0, "seconds": 0.0}
         return Report("curve", CURVE_TITLE, [setup, "Not run (no cached run)."], data)
-    plot_curve(points, options.out / "curve.png", f"Click GAUC against requests seen ({base})")
     last = points[-1]
     variant = best_ifa(last.scored)
     verdict = last.tests[variant]["gauc"]["click"]["verdict"] if variant in last.tests else None
@@ -319,6 +337,8 @@ def curve(options: Options) -> Report:
                 )
             )
     data["headlines"] = lines
+    title = f"Click GAUC against requests seen ({base})"
+    plot_curve(data["points"], options.out / "curve.png", title)
     return Report("curve", CURVE_TITLE, sections, data)
 
 
