@@ -118,7 +118,15 @@ def test_the_live_pool_is_registered_and_ranked_as_known(
 ) -> None:
     config = TrafficConfig(candidates=200, outside_share=0.2, live_pool=300, unknown_pool=300)
     traffic = Traffic(config, range(5), range(CATALOGUE_ITEMS))
-    env = {"IFA_STORE": "redis", "IFA_REDIS_URL": redis_url, "IFA_REDIS_PREFIX": redis_prefix}
+    # One worker: the first /rank leaves negative entries for the live ids in its worker's item
+    # cache, which another worker's PUT would only replace after the cache TTL (the documented
+    # staleness between workers); the capacity tool registers its pool before any /rank.
+    env = {
+        "IFA_STORE": "redis",
+        "IFA_REDIS_URL": redis_url,
+        "IFA_REDIS_PREFIX": redis_prefix,
+        "IFA_WORKERS": "1",
+    }
     with running_service(artifact_dir, tmp_path / "service.log", env) as service:
         body = traffic.rank_body()
         before = post_json(f"{service.url}/rank", body)
