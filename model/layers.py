@@ -115,9 +115,14 @@ class LinearSelfAttention(nn.Module):
         self.eps = DEFAULT_EPS
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        q = feature_map(split_heads(self.query(x), self.heads), self.feature_map)
-        k = feature_map(split_heads(self.key(x), self.heads), self.feature_map)
-        v = split_heads(self.value(x), self.heads)
+        return self.attend(self.query(x), self.key(x), self.value(x), mask)
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> Tensor:
+        """The attention of projected queries, keys and values (B, M, H·d each; what
+        :attr:`query`, :attr:`key` and :attr:`value` make of the input) -> (B, M, out_dim)."""
+        q = feature_map(split_heads(query, self.heads), self.feature_map)
+        k = feature_map(split_heads(key, self.heads), self.feature_map)
+        v = split_heads(value, self.heads)
         state = state_contribution(k, v, mask)
         out = merge_heads(read_state(q, state, self.eps))
         if not self.degree:
@@ -185,6 +190,13 @@ class Towers(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, M, in_dim) -> logits (B, M, n_objectives)."""
         return torch.cat([tower(x) for tower in self.towers], dim=-1)
+
+    def linears(self) -> list[list[nn.Linear]]:
+        """Each tower's dense layers, first to last (what the fused serving forms stack)."""
+        return [
+            [layer for layer in tower.children() if isinstance(layer, nn.Linear)]
+            for tower in self.towers
+        ]
 
 
 class BatchedLinear(nn.Module):

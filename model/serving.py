@@ -102,10 +102,7 @@ class FusedTowers(nn.Module):
 
     def __init__(self, towers: Towers):
         super().__init__()
-        stacks = [
-            [layer for layer in tower.children() if isinstance(layer, nn.Linear)]
-            for tower in towers.towers
-        ]
+        stacks = towers.linears()
         self.count = len(stacks)
         self.first = nn.Linear(stacks[0][0].in_features, sum(s[0].out_features for s in stacks))
         with torch.no_grad():

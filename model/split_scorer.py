@@ -26,14 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.layers import BatchedLinear, LinearSelfAttention, Towers, merge_heads, split_heads
-from model.linear_attention import (
-    attention_degree,
-    feature_map,
-    read_state,
-    state_contribution,
-    with_exact_match,
-)
+from model.layers import BatchedLinear, LinearSelfAttention, Towers
 from model.nets.ifa import CandidateScorer
 
 ITEM_TABLE_BUDGET_BYTES = 256 * 2**20
@@ -64,18 +57,10 @@ class SplitScorer(nn.Module):
         self.fusion: Tensor
         self.register_buffer("fusion", fusion.detach().clone())
         self.bf16 = precision == "bf16"
-        self.heads = base.heads
-        self.fsm_feature_map = base.feature_map
-        self.eps = base.eps
-        self.degree_feature = base.degree_feature
-        self.channel_features = base.channel_features
         self.use_ram = head.use_ram
         du, di = base.user_embedding.dim, base.item_embedding.dim
         dr = base.fsm_out.out_features  # the interest vector's width
-        stacks = [
-            [layer for layer in tower.children() if isinstance(layer, nn.Linear)]
-            for tower in towers.towers
-        ]
+        stacks = towers.linears()
         self.tower_count = len(stacks)
         self.tower_hidden = stacks[0][0].out_features
         tower_first = torch.cat([stack[0].weight for stack in stacks])  # (T·h, du+di+dr+set)
@@ -85,19 +70,11 @@ class SplitScorer(nn.Module):
         user_blocks: list[Tensor] = [base.query.weight[:, di:]]
         biases: list[Tensor] = [base.query.bias]
         self.query_width = base.query.out_features
-        self.ram_feature_map = "elu"
-        self.ram_degree = False
-        self.ram_eps = 1e-6
         self.ram_key_width = 0
         ram_pair: list[Tensor] = []
         if head.use_ram:
             ram = head.ram
             assert isinstance(ram, LinearSelfAttention)
-            self.ram_feature_map, self.ram_degree, self.ram_eps = (
-                ram.feature_map,
-                ram.degree,
-                ram.eps,
-            )
             self.ram_key_width = ram.query.out_features
             for linear in (ram.query, ram.key, ram.value):
                 item_blocks.append(linear.weight[:, :di])
@@ -177,33 +154,19 @@ class SplitScorer(nn.Module):
 
         # FSM: the query's pre-activation is item and user blocks only.
         qw = self.query_width
-        phi = feature_map(split_heads(first[None, :, :qw], self.heads), self.fsm_feature_map)
         onehot = self.base.candidate_onehot(candidates[None])  # (1, M, C)
-        channel = self.base.channel
-        if channel is not None:
-            phi = with_exact_match(phi, onehot, channel.query_scale())
-        s1, z1 = s[None], z[None]
-        parts = [merge_heads(read_state(phi, (s1, z1), self.eps))]
-        if self.degree_feature:
-            parts.append(torch.log1p(attention_degree(phi, z1)).transpose(1, 2))
-        if self.channel_features:
-            parts.extend(self.base.channel_reads(onehot, s1, z1))
-        interest = self.base.fsm_out(torch.cat(parts, dim=-1))[0]  # (M, dr)
+        phi = self.base.query_map(first[None, :, :qw], onehot)
+        interest = self.base.interest(phi, onehot, s[None], z[None])[0]  # (M, dr)
 
         pair = [interest]
         if self.use_ram:
             kw = self.ram_key_width
             projected = torch.addmm(first[:, qw : qw + self.ram_width], interest, self.ram_pair)
-            fm = self.ram_feature_map
-            q = feature_map(split_heads(projected[None, :, :kw], self.heads), fm)
-            k = feature_map(split_heads(projected[None, :, kw : 2 * kw], self.heads), fm)
-            v = split_heads(projected[None, :, 2 * kw :], self.heads)
             real = torch.ones(1, m, dtype=torch.bool, device=candidates.device)
-            ram_state = state_contribution(k, v, real)
-            out = merge_heads(read_state(q, ram_state, self.ram_eps))
-            if self.ram_degree:
-                degree = torch.log1p(attention_degree(q, ram_state[1])).transpose(1, 2)
-                out = torch.cat([out, degree], dim=-1)
+            out = self.base.head.ram.attend(
+                projected[None, :, :kw], projected[None, :, kw : 2 * kw],
+                projected[None, :, 2 * kw :], real,
+            )  # fmt: skip
             pair.append(out[0])
 
         # Towers: the item and user blocks are in `first`; the pair blocks are per candidate.

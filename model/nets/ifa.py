@@ -254,7 +254,12 @@ class CandidateScorer(nn.Module):
         candidates' channel slots (B, M, C) (C = 0 without a channel)."""
         expanded = user_embedding[:, None, :].expand(-1, candidate_embeddings.shape[1], -1)
         q_in = torch.cat([candidate_embeddings, expanded], dim=-1)
-        phi = feature_map(split_heads(self.query(q_in), self.heads), self.feature_map)
+        return self.query_map(self.query(q_in), candidate_onehot)
+
+    def query_map(self, projected: Tensor, candidate_onehot: Tensor) -> Tensor:
+        """φ'(q) (B, H, M, dk') of the query projection (B, M, H·dk) and the candidates' channel
+        slots (B, M, C)."""
+        phi = feature_map(split_heads(projected, self.heads), self.feature_map)
         if self.channel is not None:
             phi = with_exact_match(phi, candidate_onehot, self.channel.query_scale())
         return phi
@@ -290,13 +295,17 @@ class CandidateScorer(nn.Module):
         c = self.item_embedding(candidates)  # (B, M, di)
         onehot = self.candidate_onehot(candidates)  # (B, M, C)
         queries = self.query_features(u, c, onehot)
+        return self.head(u, c, self.interest(queries, onehot, s, z), candidate_mask)
+
+    def interest(self, queries: Tensor, onehot: Tensor, s: Tensor, z: Tensor) -> Tensor:
+        """The interest vector (B, M, interest_dim) of queries φ'(q) (B, H, M, dk') read from the
+        state: the normalised read, the degree and the channel's reads, through ``fsm_out``."""
         parts = [merge_heads(read_state(queries, (s, z), self.eps))]
         if self.degree_feature:
             parts.append(torch.log1p(attention_degree(queries, z)).transpose(1, 2))  # (B, M, H)
         if self.channel_features:
             parts.extend(self.channel_reads(onehot, s, z))
-        interest = self.fsm_out(torch.cat(parts, dim=-1))
-        return self.head(u, c, interest, candidate_mask)
+        return self.fsm_out(torch.cat(parts, dim=-1))
 
 
 class IFA(nn.Module):
