@@ -25,6 +25,11 @@ from model.features import OOV_INDEX, FeatureSpec
 ID_COLUMN = "item_id"
 MISSING_VALUE = -1
 """Raw value stored for a null attribute; negative raw values featurise to OOV."""
+DENSE_SPAN_PER_ITEM = 4
+"""A catalogue whose ids span at most this many integers per item (plus 1,024) is located
+through a table indexed by id (8 bytes per integer of the span): a gather per candidate instead
+of a binary search over the catalogue, which at M = 1,000 candidates and 100,000 items cost ten
+times as much, its probes missing the CPU caches."""
 
 
 class Catalogue:
@@ -57,6 +62,9 @@ class Catalogue:
         self._ids = sorted_ids  # (K,) ascending
         self._rows = spec.item_rows(self.columns)  # (K, F_item), aligned with _ids
         self._oov_row = np.full(len(spec.item_fields), OOV_INDEX, dtype=np.int64)
+        self._position_by_offset = _dense_positions(sorted_ids)
+        """(span,) each id's position at ``id - smallest id``, -1 between them; None when the ids
+        are too sparse for a table (:data:`DENSE_SPAN_PER_ITEM`)."""
 
     def __len__(self) -> int:
         return int(self._ids.size)
@@ -77,11 +85,26 @@ class Catalogue:
         ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
         if self._ids.size == 0:
             return np.tile(self._oov_row, (ids.size, 1)), np.zeros(ids.size, dtype=bool)
-        # searchsorted returns K for ids above the largest; clip so the comparison can index.
-        position = np.minimum(np.searchsorted(self._ids, ids), self._ids.size - 1)
-        known = self._ids[position] == ids
+        position, known = self.positions(ids)
         rows = np.where(known[:, None], self._rows[position], self._oov_row[None, :])
         return rows, known
+
+    def positions(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(M,) positions of int64 ids in :attr:`item_ids` and (M,) whether each is there (the
+        position of an absent id is 0)."""
+        ids = item_ids
+        if self._ids.size == 0:
+            return np.zeros(ids.size, dtype=np.int64), np.zeros(ids.size, dtype=bool)
+        table = self._position_by_offset
+        if table is not None:
+            smallest = self._ids[0]
+            inside = (ids >= smallest) & (ids < smallest + table.size)
+            found = table[np.where(inside, ids - smallest, 0)]
+            known = inside & (found >= 0)
+            return np.where(known, found, 0), known
+        # searchsorted returns K for ids above the largest; clip so the comparison can index.
+        position = np.minimum(np.searchsorted(self._ids, ids), self._ids.size - 1)
+        return position, self._ids[position] == ids
 
     def __contains__(self, item_id: object) -> bool:
         if not isinstance(item_id, int | np.integer):
@@ -126,3 +149,15 @@ class Catalogue:
         return cls.from_table(
             pq.read_table(path, columns=[c for c in available if c in wanted]), spec
         )
+
+
+def _dense_positions(ids: np.ndarray) -> np.ndarray | None:
+    """The table of ``Catalogue._position_by_offset`` for ascending ``ids``."""
+    if not ids.size:
+        return None
+    span = int(ids[-1]) - int(ids[0]) + 1
+    if span > DENSE_SPAN_PER_ITEM * ids.size + 1024:
+        return None
+    table = np.full(span, -1, dtype=np.int64)
+    table[ids - ids[0]] = np.arange(ids.size)
+    return table

@@ -39,11 +39,6 @@ from service.stores.records import EventLog
 logger = logging.getLogger("service")
 
 DEGRADED_LOG_INTERVAL_SECONDS = 10.0
-DENSE_SPAN_PER_ITEM = 4
-"""A base catalogue whose ids span at most this many integers per item (plus 1,024) is located
-through a table indexed by id (8 bytes per integer of the span): a gather per candidate instead
-of a binary search over the catalogue, which at M = 1,000 candidates and 100,000 items cost ten
-times as much, its probes missing the CPU caches."""
 LOOKUP_BACKOFF_SECONDS = 1.0
 """After a failed lookup, how long lookups answer from the cache alone: a store that is down
 costs each worker one lookup budget a second, not one per request."""
@@ -98,9 +93,6 @@ class LiveCatalogue:
         self._base_rows = base.rows(self._base_ids)[0]  # (K, F_item): the model's rows
         self._rows = self._base_rows.copy()  # (K, F_item): each base id's row now
         self._until = np.zeros(len(self._base_ids))  # (K,) clock time the row holds until
-        self._position_by_offset = _dense_positions(self._base_ids)
-        """(span,) each base id's position at ``id - smallest id``, -1 between them; None when
-        the ids are too sparse for a table (:data:`DENSE_SPAN_PER_ITEM`)."""
         self._others = RowCache(len(self.spec.item_fields), capacity)
         self._degraded_logged_at = -DEGRADED_LOG_INTERVAL_SECONDS
         self._lookups_resume_at = -LOOKUP_BACKOFF_SECONDS
@@ -281,30 +273,7 @@ class LiveCatalogue:
 
     def _base_positions(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(M,) positions in the base arrays and (M,) whether the id is there."""
-        if not len(self._base_ids):
-            return np.zeros(ids.size, dtype=np.int64), np.zeros(ids.size, dtype=bool)
-        table = self._position_by_offset
-        if table is not None:
-            smallest = self._base_ids[0]
-            inside = (ids >= smallest) & (ids < smallest + table.size)
-            found = table[np.where(inside, ids - smallest, 0)]
-            in_base = inside & (found >= 0)
-            return np.where(in_base, found, 0), in_base
-        # searchsorted returns K for ids above the largest; clip so the comparison can index.
-        position = np.minimum(np.searchsorted(self._base_ids, ids), len(self._base_ids) - 1)
-        return position, self._base_ids[position] == ids
-
-
-def _dense_positions(base_ids: np.ndarray) -> np.ndarray | None:
-    """The table of :attr:`LiveCatalogue._position_by_offset` for ascending ``base_ids``."""
-    if not base_ids.size:
-        return None
-    span = int(base_ids[-1]) - int(base_ids[0]) + 1
-    if span > DENSE_SPAN_PER_ITEM * base_ids.size + 1024:
-        return None
-    table = np.full(span, -1, dtype=np.int64)
-    table[base_ids - base_ids[0]] = np.arange(base_ids.size)
-    return table
+        return self.base.positions(ids)
 
 
 def _answered(

@@ -11,10 +11,10 @@ import httpx
 import numpy as np
 import pytest
 
+import model.catalogue as catalogue_module
 from loadtest.harness import running_service
 from model.artifact import load_artifact
 from model.features import OOV_INDEX
-from service import items
 from service.items import LiveCatalogue
 from service.metrics import Metrics
 from service.stores.base import Store
@@ -410,9 +410,10 @@ async def test_the_table_by_id_locates_catalogue_ids_as_the_binary_search_does(
     artifact_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dense, _ = live_catalogue(artifact_dir, MemoryStore(), Clock())
-    monkeypatch.setattr(items, "DENSE_SPAN_PER_ITEM", -1)  # every catalogue too sparse
+    monkeypatch.setattr(catalogue_module, "DENSE_SPAN_PER_ITEM", -1)  # every one too sparse
     sparse, _ = live_catalogue(artifact_dir, MemoryStore(), Clock())
-    assert dense._position_by_offset is not None and sparse._position_by_offset is None
+    assert dense.base._position_by_offset is not None
+    assert sparse.base._position_by_offset is None
     ids = np.array([0, 1, CATALOGUE_ITEMS - 1, CATALOGUE_ITEMS, 5, 5, 10**12, 2**62, 2**63 - 1])
     (dense_position, dense_in), (sparse_position, sparse_in) = (
         catalogue._base_positions(ids) for catalogue in (dense, sparse)
